@@ -1,0 +1,230 @@
+"""`fadscale`: the command-line tool over every stage. Thin: each command calls one library function.
+
+Multi-process stages are started through their launcher (torchrun / accelerate launch) with the
+same `python -m fadscale.<stage> --config F --set k=v` entry points that clusters use.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fadscale import __version__
+from fadscale.runtime.io import FadscaleError
+
+app = typer.Typer(
+    name="fadscale",
+    help="Feature-aligned diffusion (FAD) for synthetic histology tiles: shard data, train the expert, "
+    "cache its features, train FAD or the plain fine-tuning baseline, sample, evaluate, and submit to SLURM.\n\n"
+    "Start with `fadscale demo`: the whole pipeline on built-in tiles, on a CPU, in minutes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+SetOption = typer.Option(None, "--set", help="Override a config value: --set train.max_steps=200 (repeatable).")
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file (see configs/).")
+
+
+def _fail(exc: FadscaleError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(2)
+
+
+def _launch(module: str, config: Optional[Path], overrides: list[str] | None, nproc: int, launcher: str,
+            extra: list[str] = ()) -> None:
+    """Run `python -m fadscale.<module>` in this process (nproc 1) or under a launcher (nproc > 1)."""
+    args = (["--config", str(config)] if config else []) + [a for o in overrides or [] for a in ("--set", o)]
+    args += list(extra)
+    if nproc <= 1:
+        cmd = [sys.executable, "-m", f"fadscale.{module}", *args]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", f"fadscale.{module}", *args]
+    else:  # accelerate on CPU needs --multi_gpu for several processes (--cpu forces one); see facts.md
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", f"fadscale.{module}", *args]
+    raise typer.Exit(subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        typer.echo(f"fadscale {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command("shard-data")
+def shard_data(
+    src: str = typer.Argument(..., help="A class-per-folder tree, a zip of one, or 'procedural[:per_class=N,size=S,seed=K]'."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; must not exist unless --overwrite)."),
+    val_fraction: float = typer.Option(0.1, help="Fraction of each class put in the val split."),
+    seed: int = typer.Option(0, help="Seed of the stratified train/val split."),
+    grayscale: bool = typer.Option(False, "--grayscale", help="Store tiles as 8-bit grayscale (L) instead of RGB."),
+    shard_samples: int = typer.Option(1000, help="At most this many tiles per shard."),
+    shard_mb: int = typer.Option(256, help="At most this many MiB per shard."),
+    workers: int = typer.Option(1, help="Parallel decoding processes."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on any unreadable file instead of skipping it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder (only once the new one is complete)."),
+) -> None:
+    """Turn raw tiles into WebDataset shards with a stratified train/val split and a manifest.
+
+    Example: fadscale shard-data ../Kather_texture_2016_image_tiles_5000.zip --out data/kather --grayscale
+    """
+    from fadscale.data.shard import shard_dataset, summary_line
+
+    try:
+        manifest = shard_dataset(src, out, val_fraction=val_fraction, seed=seed, grayscale=grayscale,
+                                 max_samples_per_shard=shard_samples, max_shard_bytes=shard_mb * 2**20,
+                                 workers=workers, strict=strict, overwrite=overwrite)
+    except FadscaleError as exc:
+        _fail(exc)
+    typer.echo(summary_line(manifest, out))
+
+
+@app.command("tiles")
+def tiles(
+    out: Path = typer.Option(Path("tiles.png"), "--out", "-o", help="PNG file to write."),
+    size: int = typer.Option(64, help="Tile size in pixels."),
+    per_class: int = typer.Option(6, help="Tiles per class (one row per class)."),
+    seed: int = typer.Option(0, help="Generator seed."),
+    grayscale: bool = typer.Option(False, "--grayscale", help="Grayscale tiles."),
+) -> None:
+    """Write a contact sheet of the built-in procedural tiles (one row per class).
+
+    Example: fadscale tiles --out sheet.png --size 128
+    """
+    from fadscale.data.procedural import contact_sheet
+
+    contact_sheet(out, per_class=per_class, size=size, seed=seed, grayscale=grayscale)
+    typer.echo(f"wrote {out}")
+
+
+@app.command("train-expert")
+def train_expert(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+    nproc: int = typer.Option(1, help="Processes on this machine; > 1 runs torchrun."),
+) -> None:
+    """Train the expert classifier (timm backbone, raw PyTorch DDP); writes expert.safetensors + expert.json.
+
+    Example: fadscale train-expert --config configs/tiny/expert.yaml --nproc 2 --set data.subset=B
+    """
+    _launch("train_expert", config, overrides, nproc, "torchrun")
+
+
+@app.command("cache-features")
+def cache_features(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+    nproc: int = typer.Option(1, help="Processes on this machine; > 1 runs accelerate launch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild every shard of the cache."),
+) -> None:
+    """Precompute expert features (8 views per tile) and class conditioning for a FAD config.
+
+    Example: fadscale cache-features --config configs/fad.yaml
+    """
+    _launch("cache_features", config, overrides, nproc, "accelerate", ["--overwrite"] if overwrite else [])
+
+
+@app.command("train")
+def train(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+    nproc: int = typer.Option(1, help="Processes on this machine; > 1 runs accelerate launch."),
+) -> None:
+    """Train FAD (or the plain fine-tuning baseline with align.enabled=false); builds the feature cache first if missing.
+
+    Example: fadscale train --config configs/tiny/fad.yaml --nproc 2
+    (the same as: accelerate launch -m fadscale.train_fad --config configs/tiny/fad.yaml)
+    """
+    _launch("train_fad", config, overrides, nproc, "accelerate")
+
+
+@app.command("sample")
+def sample(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+    nproc: int = typer.Option(1, help="Processes on this machine; > 1 runs accelerate launch."),
+) -> None:
+    """Generate tiles per class from a trained run (EMA weights by default).
+
+    Example: fadscale sample --config configs/tiny/sample.yaml --set sample.per_class=16
+    """
+    _launch("sample", config, overrides, nproc, "accelerate")
+
+
+@app.command("evaluate")
+def evaluate(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Score generated tiles: generation accuracy, SSIM diversity, feature-space distances, utility.
+
+    Example: fadscale evaluate --config configs/tiny/evaluate.yaml
+    """
+    _launch("evaluate", config, overrides, 1, "")
+
+
+@app.command("submit")
+def submit(
+    stage: str = typer.Argument(..., help="expert, cache, train or sample."),
+    config: Path = typer.Option(..., "--config", "-c", help="The stage's YAML config."),
+    nodes: int = typer.Option(1, help="Nodes."),
+    gpus_per_node: int = typer.Option(1, help="GPUs per node (processes per node with --cpu)."),
+    partition: Optional[str] = typer.Option(None, help="SLURM partition."),
+    time: Optional[str] = typer.Option(None, help="Time limit, e.g. 04:00:00."),
+    account: Optional[str] = typer.Option(None, help="SLURM account."),
+    qos: Optional[str] = typer.Option(None, help="SLURM QOS."),
+    constraint: Optional[str] = typer.Option(None, help="SLURM node constraint."),
+    cpu: bool = typer.Option(False, "--cpu", help="CPU processes instead of GPUs."),
+    accelerate_config: Optional[str] = typer.Option(None, help="accelerate config, e.g. launch/accelerate/deepspeed_zero2.yaml."),
+    overrides: Optional[list[str]] = SetOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the sbatch script instead of submitting it."),
+) -> None:
+    """Render an sbatch script into the run folder and submit it (requeues itself on preemption).
+
+    Example: fadscale submit train --config configs/fad.yaml --nodes 4 --gpus-per-node 8 --time 12:00:00
+    """
+    from fadscale.launch import submit as submit_job
+
+    try:
+        script, job_id = submit_job(stage, config, nodes=nodes, gpus_per_node=gpus_per_node, cpu=cpu,
+                                    partition=partition, time=time, account=account, qos=qos,
+                                    constraint=constraint, accelerate_config=accelerate_config,
+                                    overrides=overrides or [], dry_run=dry_run)
+    except FadscaleError as exc:
+        _fail(exc)
+    typer.echo(script if dry_run else f"submitted job {job_id} ({script})")
+
+
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for every artifact and the report."),
+    data: Optional[str] = typer.Option(None, help="Your own tiles (folder or zip) instead of the built-in ones."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing demo folder."),
+) -> None:
+    """Run the whole pipeline on built-in tiles with CPU-sized models and write report.html.
+
+    Example: fadscale demo --out demo-out
+    """
+    from fadscale.demo import run_demo
+
+    try:
+        report = run_demo(out, data=data, overwrite=overwrite)
+    except FadscaleError as exc:
+        _fail(exc)
+    typer.echo(f"report: {report}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,480 @@
+"""Typed configuration for every entry point: pydantic classes, loaded from YAML, overridable with
+`--set section.key=value`.
+
+Every problem (missing file, unknown key, wrong type, bad value) becomes one `FadscaleError` line
+that names the file and key, what was given and what was expected, with a close-match suggestion
+for a misspelt key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+
+from fadscale.runtime.io import FadscaleError, atomic_write_text
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections shared by several entry points
+# --------------------------------------------------------------------------------------------------
+
+
+class RunSection(Section):
+    out_dir: str = Field("runs/run", description="run folder: config, logs, checkpoints, outputs")
+    seed: int = 0
+    resume: Literal["auto", "never"] = Field(
+        "auto", description="auto: continue from the newest complete checkpoint in out_dir"
+    )
+
+
+class DataSection(Section):
+    shards: str = Field("runs/shards", description="folder written by `fadscale shard-data`")
+    image_size: int = Field(64, ge=8, description="tiles are resized to this square size")
+    channels: Literal[1, 3] = 1
+    batch_size: int = Field(8, ge=1, description="per process")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    shuffle_buffer: int = Field(512, ge=1)
+    samples_per_epoch: int | None = Field(
+        None, ge=1, description="samples per epoch over all ranks; default: the train split's size"
+    )
+    views: bool = Field(True, description="draw one of the 8 flips/rotations per sample")
+    subset: Literal["all", "A", "B"] = Field(
+        "all", description="A/B: a fixed half of the tiles (by key), disjoint from the other half"
+    )
+    subset_seed: int = 0
+
+
+class OptimSection(Section):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    step_size: int = Field(1000, ge=1, description="steps between x0.1 decays (schedule: step)")
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class CheckpointSection(Section):
+    every: int = Field(500, ge=1, description="save the training state every N steps")
+    keep_last: int = Field(3, ge=1, description="keep the newest K checkpoints")
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------
+
+
+class ExpertModelSection(Section):
+    arch: str = Field("resnet50", description="any timm model name")
+    pretrained: str | None = Field(None, description="local weights: .safetensors or a timm checkpoint")
+    head: Literal["linear", "mlp"] = Field("mlp", description="mlp: feature -> 256 -> classes")
+    input_size: int = Field(224, ge=8, description="the expert's own input size")
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+    sync_batchnorm: bool = False
+
+
+class ExpertTrainSection(Section):
+    epochs: int = Field(10, ge=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on GPU")
+    early_stopping: int | None = Field(None, ge=1, description="stop after N epochs without improvement")
+    log_every: int = Field(10, ge=1)
+
+
+class ExpertConfig(Section):
+    run: RunSection = RunSection(out_dir="runs/expert")
+    data: DataSection = DataSection(image_size=224)
+    model: ExpertModelSection = ExpertModelSection()
+    optim: OptimSection = OptimSection(lr=3e-4, warmup_steps=50)
+    train: ExpertTrainSection = ExpertTrainSection()
+    checkpoint: CheckpointSection = CheckpointSection(every=1, keep_last=2)
+
+    @model_validator(mode="after")
+    def _input_size_matches(self) -> "ExpertConfig":
+        # The loader resizes tiles to data.image_size; the expert sees exactly that.
+        if self.data.image_size != self.model.input_size:
+            raise ValueError(
+                f"data.image_size ({self.data.image_size}) must equal model.input_size "
+                f"({self.model.input_size}): the expert is trained at its own input size"
+            )
+        return self
+
+
+class ConditioningSection(Section):
+    text_encoder: str | None = Field(
+        None, description="local CLIP folder (or hub id when online); None: learned class embeddings"
+    )
+    prompt: str = "a histological image of {name} tissue"
+
+
+class CacheSection(Section):
+    dir: str = Field("runs/cache", description="feature cache folder (built when missing)")
+    spatial: bool | None = Field(None, description="also cache spatial maps; None: when align needs them")
+    batch_size: int = Field(32, ge=1)
+
+
+class ModelSection(Section):
+    preset: Literal["tiny-sd", "cpu-small", "cpu-tiny"] = "tiny-sd"
+    pretrained: str | None = Field(None, description="diffusers UNet folder (or hub id when online)")
+    space: Literal["pixel", "latent"] = "pixel"
+    vae: str | None = Field(None, description="diffusers VAE folder, for space: latent")
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+class NoiseSection(Section):
+    num_train_timesteps: int = Field(1000, ge=1)
+    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting; None: off")
+
+
+class AlignSection(Section):
+    enabled: bool = Field(True, description="false: plain fine-tuning (the baseline)")
+    layer: str = "down_blocks.2.resnets.0.conv_shortcut"
+    projector: Literal["seed", "repa"] = "seed"
+    weight: float = Field(1.0, ge=0)
+    target: Literal["cached", "noisy-online"] = "cached"
+    until_step: int | None = Field(None, ge=0, description="alignment stops after this step")
+    repa_hidden: int = Field(512, ge=1, description="hidden width of the repa projector MLP")
+
+
+class FadTrainSection(Section):
+    max_steps: int = Field(1000, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on GPU")
+    label_dropout: float = Field(0.0, ge=0, lt=1, description="drop the class for classifier-free guidance")
+    ema_decay: float | None = Field(0.999, gt=0, lt=1)
+    log_every: int = Field(10, ge=1)
+    sample_every: int | None = Field(None, ge=1, description="log a per-class sample grid every N steps")
+    nan_tolerance: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
+
+
+class FadConfig(Section):
+    run: RunSection = RunSection(out_dir="runs/fad")
+    data: DataSection = DataSection()
+    expert: str = Field("runs/expert/expert.json", description="the alignment expert's card")
+    conditioning: ConditioningSection = ConditioningSection()
+    cache: CacheSection = CacheSection()
+    model: ModelSection = ModelSection()
+    noise: NoiseSection = NoiseSection()
+    align: AlignSection = AlignSection()
+    optim: OptimSection = OptimSection(lr=1e-4, warmup_steps=100)
+    train: FadTrainSection = FadTrainSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+# Loading, overrides, errors
+# --------------------------------------------------------------------------------------------------
+
+_FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$")
+_NULLS = ("null", "Null", "NULL", "~", "none", "None")
+# YAML 1.1 (PyYAML) reads these unquoted words as booleans.
+_YAML_BOOL_WORDS = "yes/no/on/off/true/false"
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section class an annotation stands for (also inside `X | None`), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        for arg in get_args(annotation):
+            found = _section_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _field_at(model: type[BaseModel], parts) -> tuple[FieldInfo | None, int]:
+    """The field that `parts` (a key path) lands on and how many parts it used; (None, n) when part n
+    is not a field."""
+    current = model
+    for depth, part in enumerate(parts):
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None, depth
+        nested = _section_model(field.annotation)
+        if nested is None or depth == len(parts) - 1:
+            return field, depth + 1
+        current = nested
+    return None, len(parts)
+
+
+def _accepts_str(annotation: Any) -> bool:
+    """A field whose values are text (str, a Literal of strings, optionally None)."""
+    if annotation is str:
+        return True
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return all(isinstance(arg, str) for arg in get_args(annotation))
+    if origin in (Union, types.UnionType):
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return bool(args) and all(_accepts_str(arg) for arg in args)
+    return False
+
+
+def _allows_none(annotation: Any) -> bool:
+    return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _describe(annotation: Any) -> str:
+    """'an integer', "one of 'auto', 'no', 'bf16'", 'a list of 2 numbers', ... for an error message."""
+    if annotation in _TYPE_WORDS:
+        return _TYPE_WORDS[annotation]
+    section = _section_model(annotation)
+    if section is not None and isinstance(annotation, type):
+        return f"a section (a mapping with keys: {', '.join(section.model_fields)})"
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin in (Union, types.UnionType):
+        words = [_describe(arg) for arg in args if arg is not type(None)]
+        return " or ".join(words) + (" or null" if type(None) in args else "")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        kinds = {_describe(arg) for arg in args}
+        if len(kinds) == 1:
+            word = kinds.pop().removeprefix("an ").removeprefix("a ")
+            return f"a list of {len(args)} {word}s"
+        return "a list [" + ", ".join(_describe(arg) for arg in args) + "]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds(field: FieldInfo) -> str:
+    words = []
+    for item in field.metadata:
+        for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            value = getattr(item, attr, None)
+            if value is not None:
+                words.append(f"{op} {value}")
+    return " and ".join(words)
+
+
+def _expected(field: FieldInfo) -> str:
+    text = _describe(field.annotation)
+    bounds = _bounds(field)
+    if bounds:
+        text = text.replace(" or null", "") + f" {bounds}" + (" (or null)" if _allows_none(field.annotation) else "")
+    return text
+
+
+def _value_at(tree: Any, parts) -> Any:
+    for part in parts:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(part)
+    return tree
+
+
+def _all_keys(model: type[BaseModel], prefix: tuple = ()) -> list[tuple]:
+    """Every key path of a config class: sections and their keys, in declaration order."""
+    paths = []
+    for name, field in model.model_fields.items():
+        paths.append(prefix + (name,))
+        nested = _section_model(field.annotation)
+        if nested is not None:
+            paths.extend(_all_keys(nested, prefix + (name,)))
+    return paths
+
+
+def _suggest(model: type[BaseModel], loc: tuple) -> str | None:
+    """The closest valid key for an unknown one: first a sibling (`optim.lrr` -> `optim.lr`), then the
+    same or a close name anywhere (`train.lr` -> `optim.lr`, `batchsize` -> `data.batch_size`)."""
+    name = loc[-1].lower()
+    field, used = _field_at(model, loc[:-1]) if loc[:-1] else (None, 0)
+    section = _section_model(field.annotation) if field is not None and used == len(loc) - 1 else model
+    if section is not None:
+        close = difflib.get_close_matches(name, list(section.model_fields), n=1, cutoff=0.6)
+        if close:
+            return ".".join(loc[:-1] + (close[0],))
+    scored = [(difflib.SequenceMatcher(None, name, path[-1].lower()).ratio(), -i, path)
+              for i, path in enumerate(_all_keys(model)) if path[:-1] != loc[:-1]]
+    best = max(scored, default=None)
+    return ".".join(best[2]) if best is not None and best[0] >= 0.6 else None
+
+
+def _explain(model: type[BaseModel], err: dict, tree: Any = None) -> tuple[str, str]:
+    """(the key at fault, the message without its source) for one pydantic error."""
+    loc = tuple(str(p) for p in err["loc"])
+    if not loc:  # a check across keys (a model validator): its message says it all
+        return "", err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        key = ".".join(loc)
+        parent, _ = _field_at(model, loc[:-1]) if len(loc) > 1 else (None, 0)
+        section = _section_model(parent.annotation) if parent is not None else model
+        where = f"in {'.'.join(loc[:-1])!r}" if len(loc) > 1 else "at the top level"
+        known = ", ".join(section.model_fields) if section is not None else "(none)"
+        close = _suggest(model, loc)
+        hint = f"; did you mean {close!r}?" if close else "."
+        return key, f"unknown key {key!r} (given {err.get('input')!r}){hint} Valid keys {where}: {known}"
+    field, used = _field_at(model, loc)
+    if field is None:  # not expected: pydantic's own words, on one line
+        return ".".join(loc), f"key {'.'.join(loc)!r}: got {err.get('input')!r}; {' '.join(err['msg'].split())}"
+    key = ".".join(loc[:used])
+    if err["type"] == "missing" and used == len(loc):
+        return key, f"key {key!r} is required; expected {_expected(field)}"
+    given = _value_at(tree, loc[:used]) if isinstance(tree, dict) else err.get("input")
+    given_text = f"{given!r} ({type(given).__name__})" if given is not None else "null"
+    message = f"key {key!r}: got {given_text}; expected {_expected(field)}"
+    if isinstance(given, bool) and _accepts_str(field.annotation):
+        message += f" (YAML reads unquoted {_YAML_BOOL_WORDS} as true/false: quote the value)"
+    return key, message
+
+
+def _format_error(model: type[BaseModel], source: str, err: dict, tree: Any = None) -> str:
+    return f"{source}: {_explain(model, err, tree)[1]}"
+
+
+def _validate(model: type[ConfigT], tree: dict) -> ConfigT | tuple[str, str]:
+    """The config, or (key, message) for the first problem."""
+    tree = _fill_sections(model, tree)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        return _explain(model, exc.errors()[0], tree)
+
+
+def _fill_sections(model: type[BaseModel], tree: Any) -> Any:
+    """An empty section (`data:` with every key commented out) is read as YAML null: make it {}."""
+    if not isinstance(tree, dict):
+        return tree
+    out = dict(tree)
+    for name, field in model.model_fields.items():
+        nested = _section_model(field.annotation)
+        if nested is not None and name in out:
+            out[name] = {} if out[name] is None else _fill_sections(nested, out[name])
+    return out
+
+
+def build_config(model: type[ConfigT], tree: dict, source: str = "config") -> ConfigT:
+    """Validate a tree of plain values; any problem is one FadscaleError line."""
+    result = _validate(model, tree)
+    if isinstance(result, tuple):
+        raise FadscaleError(f"{source}: {result[1]}")
+    return result
+
+
+def parse_override(text: str, model: type[BaseModel] | None = None) -> tuple[list[str], Any]:
+    """`optim.lr=2e-4` -> (["optim", "lr"], 0.0002). Values are parsed as YAML scalars/lists, except for
+    a text field of `model` (a path, a Literal of words), which takes the text as given: `--set
+    train.mixed_precision=no` is "no", not false, and `--set run.out_dir=2024` is "2024"."""
+    if "=" not in text:
+        raise FadscaleError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise FadscaleError(f"--set {text!r}: expected section.key=value")
+    field, used = _field_at(model, parts) if model is not None else (None, 0)
+    if field is not None and used == len(parts) and _accepts_str(field.annotation):
+        value = raw.strip()
+        if value in _NULLS and _allows_none(field.annotation):
+            return parts, None
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        return parts, value
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _FLOAT_WITHOUT_DOT.match(value):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
+    return parts, value
+
+
+def _apply_override(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise FadscaleError(f"--set {'.'.join(parts)}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}: {problem}" if mark is not None else problem
+
+
+def load_config(model: type[ConfigT], path: str | Path | None, overrides: list[str] | None = None) -> ConfigT:
+    """Read YAML `path` (or start from defaults when None), apply `section.key=value` overrides, validate."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise FadscaleError(f"{path}: config file not found")
+        if not path.is_file():
+            raise FadscaleError(f"{path}: not a file (expected a YAML config file)")
+        try:
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except yaml.YAMLError as exc:
+            raise FadscaleError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
+        except UnicodeDecodeError:
+            raise FadscaleError(f"{path}: not a text file (expected a YAML config file)") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise FadscaleError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    parsed = []
+    for text in overrides or []:
+        parts, value = parse_override(text, model)
+        _apply_override(tree, parts, value)
+        parsed.append((".".join(parts), text))
+    result = _validate(model, tree)
+    if not isinstance(result, tuple):
+        return result
+    key, message = result
+    # Name the --set that caused it, when one did (the last one given for that key or a key around it).
+    for dotted, text in reversed(parsed):
+        if key and (key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + ".")):
+            raise FadscaleError(f"--set {text}: {message}")
+    raise FadscaleError(f"{source}: {message}")
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(config: BaseModel, path: str | Path) -> None:
+    """Every run saves its effective config (after overrides) beside its outputs; `load_config` reads it back."""
+    atomic_write_text(path, dump_config(config))

@@ -1,0 +1,1 @@
+"""Data stages: procedural tiles, sharding, streaming loader."""

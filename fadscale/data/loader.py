@@ -1,0 +1,347 @@
+"""The streaming loader every stage reads tiles with: WebDataset tar shards -> batches of tensors.
+
+Training mode (`train_loader`): each rank draws shards with replacement from the split, shuffles
+through a buffer, decodes, applies one of the 8 square views (flips and 90-degree rotations) and
+yields a fixed number of batches per epoch, the same on every rank, so DDP never waits on a rank that
+ran out of data.
+
+Determinism: the raw stream of a rank (shard draws, shuffle, views) comes from one random generator
+seeded by (seed, epoch, rank) alone. Every DataLoader worker reads that same stream without decoding
+it and decodes only the batches the DataLoader takes from it (batch `start_batch + j` comes from
+worker j % workers). So batch b of an epoch is the same whatever the number of workers, and
+`start_batch` (resume mid-epoch) gives exactly the batches an uninterrupted epoch gives from there.
+The price is that each worker reads the rank's tar bytes (cheap); decoding, the expensive part, is
+split between them.
+
+Evaluation mode (`eval_loader`): every sample of the split exactly once across all ranks and workers,
+with no view applied: the split's samples, numbered in shard order, are cut into one contiguous
+range per (rank, worker), so each reads only the shards its range touches.
+
+A batch is a dict: image [B, C, H, W] float in [-1, 1], label [B] long, view [B] long, key list[str],
+plus one tensor per requested cached feature (the row of that sample's view), named by the part of
+the extension before the first dot ("pooled.npy" -> batch["pooled"]).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+from fadscale.data.shard import load_manifest, shard_urls
+from fadscale.runtime.io import FadscaleError
+
+NUM_VIEWS = 8
+SUBSETS = ("all", "A", "B")
+
+
+def apply_view(image: torch.Tensor, view: int) -> torch.Tensor:
+    """View v of a square image [..., H, W]: rotate by 90 * (v % 4) degrees, then mirror when v >= 4."""
+    out = torch.rot90(image, k=view % 4, dims=(-2, -1))
+    return torch.flip(out, dims=(-1,)) if view >= 4 else out
+
+
+def apply_view_np(image: np.ndarray, view: int) -> np.ndarray:
+    """`apply_view` for an HxW or HxWxC numpy image (the cache builder works on these)."""
+    out = np.rot90(image, k=view % 4, axes=(0, 1))
+    return np.ascontiguousarray(out[:, ::-1] if view >= 4 else out)
+
+
+def in_subset(key: str, subset: str, subset_seed: int) -> bool:
+    """Split tiles into two fixed, disjoint halves A and B by a hash of their key."""
+    if subset == "all":
+        return True
+    bit = hashlib.sha1(f"{subset_seed}:{key}".encode()).digest()[0] & 1
+    return (bit == 0) == (subset == "A")
+
+
+def decode_image(png: bytes, channels: int, image_size: int) -> torch.Tensor:
+    """Image bytes -> float tensor [C, S, S] in [-1, 1].
+
+    A non-square image is centre-cropped to a square first (the views are only defined for
+    squares, and a resize alone would distort the tissue); then it is resized (Lanczos) when its
+    size differs from `image_size`.
+    """
+    with Image.open(io.BytesIO(png)) as img:
+        img = img.convert("L" if channels == 1 else "RGB")
+        width, height = img.size
+        if width != height:
+            side = min(width, height)
+            left, top = (width - side) // 2, (height - side) // 2
+            img = img.crop((left, top, left + side, top + side))
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+        array = np.array(img, dtype=np.uint8)
+    tensor = torch.from_numpy(array).float().div_(127.5).sub_(1.0)
+    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    # allow_pickle=False: a feature shard from elsewhere must never run code when loaded.
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@dataclass
+class StreamSpec:
+    """What to read and how: shared by the train and eval streams."""
+
+    urls: list[str]
+    image_size: int
+    channels: int
+    batch_size: int
+    features: tuple[str, ...] = ()  # extensions of cached arrays, e.g. ("pooled.npy",)
+    subset: str = "all"
+    subset_seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    counts: tuple[int, ...] = ()  # samples per shard (from the manifest); the eval stream needs them
+
+
+def _to_sample(raw: dict, spec: StreamSpec, view: int) -> dict:
+    where = f"{raw.get('__url__', '?')}: sample {raw['__key__']}"
+    if "png" not in raw or "cls" not in raw:
+        raise FadscaleError(f"{where} has no .png or no .cls member (not a fadscale shard?)")
+    image = decode_image(raw["png"], spec.channels, spec.image_size)
+    sample = {
+        "image": apply_view(image, view) if view else image,
+        "label": int(raw["cls"]),
+        "view": view,
+        "key": raw["__key__"],
+    }
+    for ext in spec.features:
+        if ext not in raw:
+            raise FadscaleError(f"{where} has no {ext!r} (is this a feature cache built with that array?)")
+        array = decode_npy(raw[ext])
+        if array.ndim < 1 or array.shape[0] != NUM_VIEWS:
+            raise FadscaleError(f"{where}: {ext} has shape {array.shape}; expected one row per view "
+                                f"({NUM_VIEWS}, ...)")
+        sample[ext.split(".")[0]] = torch.from_numpy(array[view].astype(np.float32))
+    return sample
+
+
+def _collate(samples: list[dict]) -> dict:
+    batch = {"key": [s["key"] for s in samples]}
+    batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    batch["view"] = torch.tensor([s["view"] for s in samples], dtype=torch.long)
+    for name in samples[0]:
+        if name not in batch:
+            batch[name] = torch.stack([s[name] for s in samples])
+    return batch
+
+
+def _member_filter(features: tuple[str, ...]) -> Callable[[str], bool]:
+    """Read only the members a batch needs (the .json record and unrequested arrays are skipped)."""
+    wanted = {"png", "cls", *features}
+
+    def select(name: str) -> bool:
+        ext = base_plus_ext(name)[1]
+        return ext is not None and ext.lower() in wanted
+
+    return select
+
+
+def _shard_samples(url: str, select: Callable[[str], bool]) -> Iterator[dict]:
+    """The samples of one shard, grouped by WebDataset's own tar reader. The file is closed when the
+    generator ends or is closed (WebDataset's url_opener leaves that to the garbage collector)."""
+    with contextlib.closing(wds.gopen(url)) as stream:
+        members = ({**member, "__url__": url} for member in tar_file_iterator(stream, select_files=select))
+        yield from group_by_keys(members)
+
+
+def _resampled(spec: StreamSpec, rng: random.Random) -> Iterator[dict]:
+    """Endless stream of samples from shards drawn with replacement, filtered to the subset."""
+    select = _member_filter(spec.features)
+    empty: set[str] = set()
+    while True:
+        url = rng.choice(spec.urls)
+        kept = 0
+        shard = _shard_samples(url, select)
+        try:
+            for sample in shard:
+                if in_subset(sample["__key__"], spec.subset, spec.subset_seed):
+                    kept += 1
+                    yield sample
+        finally:
+            shard.close()
+        if kept == 0:
+            empty.add(url)
+            if len(empty) == len(set(spec.urls)):
+                raise FadscaleError(f"{Path(url).parent}: no sample of the split is in subset {spec.subset!r} "
+                                    f"(subset_seed {spec.subset_seed})")
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def stream_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of a rank's raw stream in an epoch (a hash: any ints, negative ones included)."""
+    return int.from_bytes(hashlib.sha256(f"fadscale-train:{seed}:{epoch}:{rank}".encode()).digest()[:8], "big")
+
+
+class TrainStream(IterableDataset):
+    """Resampled, shuffled, augmented stream of exactly `batches` batches per epoch for this rank."""
+
+    def __init__(self, spec: StreamSpec, *, seed: int, epoch: int, batches: int, shuffle_buffer: int,
+                 views: bool, start_batch: int = 0):
+        super().__init__()
+        self.spec, self.seed, self.epoch = spec, seed, epoch
+        self.batches, self.shuffle_buffer, self.views = batches, shuffle_buffer, views
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker()
+        spec = self.spec
+        rng = random.Random(stream_seed(self.seed, self.epoch, spec.rank))
+        raw = _resampled(spec, rng)
+        shuffled = wds.filters._shuffle(raw, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+        try:
+            for index in range(self.batches):
+                picked = [next(shuffled) for _ in range(spec.batch_size)]
+                # Every worker draws every batch's views, so the random stream is the same in all of them.
+                views = [rng.randrange(NUM_VIEWS) if self.views else 0 for _ in picked]
+                # The DataLoader takes batch start_batch + j from worker j % workers.
+                if index < self.start_batch or (index - self.start_batch) % workers != worker:
+                    continue
+                yield _collate([_to_sample(s, spec, v) for s, v in zip(picked, views)])
+        finally:
+            shuffled.close()
+            raw.close()
+
+
+class EvalStream(IterableDataset):
+    """Every sample exactly once across ranks and workers: the samples, numbered in shard order, are cut
+    into world_size * workers contiguous ranges; (rank, worker) reads range rank * workers + worker."""
+
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker()
+        spec = self.spec
+        slot, slots = spec.rank * workers + worker, spec.world_size * workers
+        total = sum(spec.counts)
+        start, end = slot * total // slots, (slot + 1) * total // slots
+        select = _member_filter(spec.features)
+        chunk: list[dict] = []
+        offset = 0
+        for url, count in zip(spec.urls, spec.counts):
+            first, offset = offset, offset + count
+            if offset <= start or first >= end:
+                continue
+            index = first
+            shard = _shard_samples(url, select)
+            try:
+                for raw in shard:
+                    if index >= end:
+                        break
+                    if index >= start and in_subset(raw["__key__"], spec.subset, spec.subset_seed):
+                        chunk.append(_to_sample(raw, spec, 0))
+                        if len(chunk) == spec.batch_size:
+                            yield _collate(chunk)
+                            chunk = []
+                    index += 1
+                else:
+                    if index != offset:  # the ranges rely on the manifest's counts
+                        raise FadscaleError(f"{url}: {index - first} samples, but the manifest says {count}")
+            finally:
+                shard.close()
+        if chunk:
+            yield _collate(chunk)
+
+
+def batches_per_epoch(samples_per_epoch: int, batch_size: int, world_size: int) -> int:
+    """The same number of batches on every rank: samples split evenly, at least one batch."""
+    return max(1, samples_per_epoch // (batch_size * world_size))
+
+
+def _loader(dataset: IterableDataset, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                      prefetch_factor=4 if workers else None)
+
+
+def _check(*, batch_size: int, image_size: int, channels: int, rank: int, world_size: int, workers: int,
+           subset: str) -> None:
+    if batch_size < 1 or image_size < 1:
+        raise FadscaleError(f"batch_size and image_size must be positive, got {batch_size} and {image_size}")
+    if channels not in (1, 3):
+        raise FadscaleError(f"channels must be 1 or 3, got {channels}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise FadscaleError(f"rank {rank} is not in [0, world_size={world_size})")
+    if workers < 0:
+        raise FadscaleError(f"workers must be >= 0, got {workers}")
+    if subset not in SUBSETS:
+        raise FadscaleError(f"subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
+
+
+def _split_shards(shard_dir, split: str) -> tuple[list[str], tuple[int, ...]]:
+    """(urls, samples per shard) of a split; a FadscaleError when it has no samples."""
+    urls = shard_urls(shard_dir, split)
+    shards = load_manifest(shard_dir)["splits"][split]["shards"]
+    try:
+        counts = tuple(int(shard["samples"]) for shard in shards)
+    except (KeyError, TypeError, ValueError):
+        raise FadscaleError(f"{shard_dir}: the manifest lists a {split} shard without its sample count") from None
+    if not urls or sum(counts) == 0:
+        hint = " (shard with --val-fraction > 0)" if split == "val" else ""
+        raise FadscaleError(f"{shard_dir}: the {split} split has no samples{hint}")
+    return urls, counts
+
+
+def train_loader(shard_dir, *, batch_size: int, image_size: int, channels: int, seed: int, epoch: int = 0,
+                 rank: int = 0, world_size: int = 1, workers: int = 0, shuffle_buffer: int = 512,
+                 samples_per_epoch: int | None = None, views: bool = True, subset: str = "all",
+                 subset_seed: int = 0, features: tuple[str, ...] = (), split: str = "train",
+                 start_batch: int = 0) -> DataLoader:
+    """A DataLoader over one epoch of the training stream (build a new one per epoch).
+
+    It yields batches_per_epoch(samples_per_epoch, batch_size, world_size) - start_batch batches, the
+    same number on every rank; batch b depends only on (seed, epoch, rank, b), not on `workers`.
+    """
+    _check(batch_size=batch_size, image_size=image_size, channels=channels, rank=rank, world_size=world_size,
+           workers=workers, subset=subset)
+    if start_batch < 0 or shuffle_buffer < 1:
+        raise FadscaleError(f"start_batch must be >= 0 and shuffle_buffer >= 1, got {start_batch} and {shuffle_buffer}")
+    urls, counts = _split_shards(shard_dir, split)
+    if samples_per_epoch is None:
+        samples_per_epoch = split_count(shard_dir, split, subset)
+    spec = StreamSpec(urls, image_size, channels, batch_size, tuple(features), subset, subset_seed, rank,
+                      world_size, counts)
+    batches = batches_per_epoch(samples_per_epoch, batch_size, world_size)
+    stream = TrainStream(spec, seed=seed, epoch=epoch, batches=batches, shuffle_buffer=shuffle_buffer,
+                         views=views, start_batch=start_batch)
+    # Never more workers than batches left to produce (an idle worker would still read the stream).
+    return _loader(stream, max(0, min(workers, batches - start_batch)))
+
+
+def eval_loader(shard_dir, *, split: str = "val", batch_size: int, image_size: int, channels: int,
+                rank: int = 0, world_size: int = 1, workers: int = 0, subset: str = "all",
+                subset_seed: int = 0, features: tuple[str, ...] = ()) -> DataLoader:
+    """A DataLoader over every sample of `split` exactly once across ranks and workers (view 0, in
+    shard order within each rank's range; the last batch of a worker may be short)."""
+    _check(batch_size=batch_size, image_size=image_size, channels=channels, rank=rank, world_size=world_size,
+           workers=workers, subset=subset)
+    urls, counts = _split_shards(shard_dir, split)
+    spec = StreamSpec(urls, image_size, channels, batch_size, tuple(features), subset, subset_seed, rank,
+                      world_size, counts)
+    return _loader(EvalStream(spec), workers)
+
+
+def split_count(shard_dir, split: str, subset: str = "all") -> int:
+    """Samples in a split (an estimate of half for an A/B subset)."""
+    count = load_manifest(shard_dir)["splits"][split]["count"]
+    return count if subset == "all" else math.ceil(count / 2)

@@ -1,0 +1,1 @@
+"""Model builders: the diffusion UNet and the expert classifier."""

@@ -1,0 +1,1 @@
+"""Shared runtime pieces: distributed setup, atomic I/O, checkpoints, logging, stop signals."""

@@ -1,0 +1,67 @@
+"""Run logging shared by the trainers: TensorBoard scalars, a metrics.jsonl file, rank-0 console lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def log_line(message: str, is_main: bool = True) -> None:
+    if is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+class RunLogger:
+    """Writes only on the main rank; every other rank gets a logger that does nothing."""
+
+    def __init__(self, run_dir: str | Path, is_main: bool, tensorboard: bool = True):
+        self.is_main = is_main
+        self._tb = None
+        self._jsonl = None
+        if not is_main:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Appending keeps the history of a resumed run in one file.
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        record = {"step": step, "time": time.time(), **{k: float(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, float(value), step)
+
+    def image(self, tag: str, step: int, image_chw) -> None:
+        if self.is_main and self._tb is not None:
+            self._tb.add_image(tag, image_chw, step)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        if self.is_main and self._tb is not None:
+            flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+            self._tb.add_hparams(flat, metrics, run_name=".")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

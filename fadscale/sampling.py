@@ -1,0 +1,77 @@
+"""Reverse diffusion with diffusers schedulers: the one sampling loop used by training grids and `fadscale sample`.
+
+Every image has its own seed, so a sample set is the same whatever the batch size or number of ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+
+
+def noise_config(noise_cfg) -> dict:
+    """The training noise schedule, as diffusers scheduler arguments (the reference: DDPM, 1000 steps,
+    squaredcos_cap_v2, epsilon prediction)."""
+    return dict(num_train_timesteps=noise_cfg.num_train_timesteps, beta_schedule=noise_cfg.beta_schedule,
+                prediction_type=noise_cfg.prediction_type)
+
+
+def make_scheduler(name: str, config: dict):
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {name!r}: expected one of {', '.join(SCHEDULERS)}")
+    extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {}
+    if name == "ddpm":
+        extra["clip_sample"] = True
+    return SCHEDULERS[name](**config, **extra)
+
+
+@torch.no_grad()
+def generate(unet, table: torch.Tensor, labels: torch.Tensor, seeds: list[int], *, scheduler, steps: int,
+             guidance: float = 1.0, null_index: int | None = None, image_size: int, channels: int,
+             device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Images in [-1, 1], [N, C, S, S], for class `labels` with one seed each.
+
+    `table` holds the conditioning tokens [classes + 1, 1, D] (row `null_index` is the null token);
+    guidance > 1 applies classifier-free guidance against it.
+    """
+    latents = torch.stack([
+        torch.randn(channels, image_size, image_size, generator=torch.Generator().manual_seed(int(s)))
+        for s in seeds
+    ]).to(device)
+    tokens = table[labels.cpu()].to(device, dtype)
+    guided = guidance != 1.0 and null_index is not None
+    if guided:
+        null = table[null_index].expand(len(labels), -1, -1).to(device, dtype)
+        tokens = torch.cat([null, tokens])
+    scheduler.set_timesteps(steps, device=device)
+    latents = latents * scheduler.init_noise_sigma
+    # DDPM draws fresh noise at each step: a per-image generator keeps that reproducible too.
+    generators = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
+    for t in scheduler.timesteps:
+        model_in = torch.cat([latents] * 2) if guided else latents
+        model_in = scheduler.scale_model_input(model_in, t)
+        out = unet(model_in.to(dtype), t, tokens).sample.float()
+        if guided:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance * (cond - uncond)
+        if isinstance(scheduler, DDPMScheduler):
+            stepped = [scheduler.step(out[i:i + 1], t, latents[i:i + 1], generator=generators[i]).prev_sample
+                       for i in range(len(seeds))]
+            latents = torch.cat(stepped)
+        else:
+            latents = scheduler.step(out, t, latents).prev_sample
+    return latents.clamp(-1, 1)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> [0, 255] uint8, same shape."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def grid(images: torch.Tensor, rows: int) -> torch.Tensor:
+    """[N, C, H, W] -> one [C, rows*H, cols*W] image (N = rows * cols)."""
+    n, c, h, w = images.shape
+    cols = n // rows
+    return images[: rows * cols].view(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)

@@ -1,0 +1,104 @@
+"""Shared fixtures: small procedural shards and a small trained expert, built once per test session.
+
+Tests never touch the network: HF_HUB_OFFLINE is set and every model is built from a config.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "kather16-sample"
+
+
+def run_module(module: str, *args: str, nproc: int = 1, launcher: str = "torchrun", timeout: int = 600,
+               env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m <module> args` for real: directly, or under torchrun / accelerate with nproc CPU processes."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", module, *args]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", module, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", module, *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else "2", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Procedural grayscale tiles: 8 classes x 24, 32x32, 2 train shards."""
+    from fadscale.data.shard import shard_dataset
+
+    out = tmp_path_factory.mktemp("data") / "shards"
+    shard_dataset("procedural:per_class=24,size=32,seed=0", out, val_fraction=0.25, grayscale=True,
+                  max_samples_per_shard=80, progress=False)
+    return out
+
+
+def expert_config(shards: Path, out: Path, **overrides):
+    from fadscale.config import ExpertConfig, build_config
+
+    tree = {
+        "run": {"out_dir": str(out), "seed": 0},
+        "data": {"shards": str(shards), "image_size": 32, "channels": 1, "batch_size": 16, "subset": "all"},
+        "model": {"arch": "test_resnet", "head": "linear", "input_size": 32},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"epochs": 2, "log_every": 1},
+        "checkpoint": {"every": 1, "keep_last": 2},
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        tree.setdefault(section, {})[name] = value
+    return build_config(ExpertConfig, tree)
+
+
+@pytest.fixture(scope="session")
+def tiny_expert(tiny_shards, tmp_path_factory) -> Path:
+    """A small timm expert trained in-process on the tiny shards; returns its card path."""
+    from fadscale.train_expert import train
+
+    out = tmp_path_factory.mktemp("expert")
+    train(expert_config(tiny_shards, out))
+    return out / "expert.json"
+
+
+def fad_config(shards: Path, expert_card: Path, out: Path, cache: Path, **overrides):
+    """A CPU-sized FAD config; overrides as section__key=value."""
+    from fadscale.config import FadConfig, build_config
+
+    tree = {
+        "run": {"out_dir": str(out), "seed": 0},
+        "data": {"shards": str(shards), "image_size": 32, "channels": 1, "batch_size": 4},
+        "expert": str(expert_card),
+        "cache": {"dir": str(cache), "batch_size": 32},
+        "model": {"preset": "cpu-tiny"},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "train": {"max_steps": 6, "mixed_precision": "no", "ema_decay": 0.9, "log_every": 1},
+        "checkpoint": {"every": 3, "keep_last": 2},
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        tree.setdefault(section, {})[name] = value
+    return build_config(FadConfig, tree)
+
+
+@pytest.fixture(scope="session")
+def tiny_fad_run(tiny_shards, tiny_expert, tmp_path_factory) -> Path:
+    """A tiny FAD run trained in-process for a few steps; returns its run folder (final/ inside)."""
+    from fadscale.train_fad import FadTrainer
+
+    root = tmp_path_factory.mktemp("fad")
+    cfg = fad_config(tiny_shards, tiny_expert, root / "run", root / "cache", train__max_steps=8)
+    FadTrainer(cfg).train()
+    return root / "run"
