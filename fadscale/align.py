@@ -62,8 +62,9 @@ class SeedProjector(nn.Module):
         self.proj = nn.Linear(expert_dim, unet_channels)
 
     def forward(self, unet_feature: torch.Tensor, expert_feature: torch.Tensor):
-        pooled = unet_feature.float().mean(dim=(2, 3))
-        return _cosine_loss(pooled, self.proj(expert_feature.float()))
+        pooled = unet_feature.mean(dim=(2, 3))
+        # Inputs in the projector's dtype: fp32 normally, bf16 when DeepSpeed keeps bf16 weights.
+        return _cosine_loss(pooled, self.proj(expert_feature.to(self.proj.weight.dtype)))
 
 
 class RepaProjector(nn.Module):
@@ -80,7 +81,7 @@ class RepaProjector(nn.Module):
         )
 
     def forward(self, unet_feature: torch.Tensor, expert_map: torch.Tensor):
-        prediction = self.mlp(unet_feature.float())
+        prediction = self.mlp(unet_feature.to(self.mlp[0].weight.dtype))
         target = F.interpolate(expert_map.float(), size=prediction.shape[-2:], mode="bilinear",
                                align_corners=False, antialias=True) \
             if expert_map.shape[-2:] != prediction.shape[-2:] else expert_map.float()

@@ -18,20 +18,19 @@ def noise_config(noise_cfg) -> dict:
                 prediction_type=noise_cfg.prediction_type)
 
 
-def make_scheduler(name: str, config: dict):
+def make_scheduler(name: str, config: dict, clip_sample: bool = True):
+    """`clip_sample`: clip the predicted clean image to [-1, 1] (pixel space); off for latents."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler {name!r}: expected one of {', '.join(SCHEDULERS)}")
-    extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {}
-    if name == "ddpm":
-        extra["clip_sample"] = True
+    extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {"clip_sample": clip_sample}
     return SCHEDULERS[name](**config, **extra)
 
 
 @torch.no_grad()
 def generate(unet, table: torch.Tensor, labels: torch.Tensor, seeds: list[int], *, scheduler, steps: int,
              guidance: float = 1.0, null_index: int | None = None, image_size: int, channels: int,
-             device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Images in [-1, 1], [N, C, S, S], for class `labels` with one seed each.
+             device: torch.device, dtype: torch.dtype = torch.float32, clamp: bool = True) -> torch.Tensor:
+    """Images in [-1, 1] (latents unclamped with clamp=False), [N, C, S, S], for `labels`, one seed each.
 
     `table` holds the conditioning tokens [classes + 1, 1, D] (row `null_index` is the null token);
     guidance > 1 applies classifier-free guidance against it.
@@ -47,8 +46,9 @@ def generate(unet, table: torch.Tensor, labels: torch.Tensor, seeds: list[int], 
         tokens = torch.cat([null, tokens])
     scheduler.set_timesteps(steps, device=device)
     latents = latents * scheduler.init_noise_sigma
-    # DDPM draws fresh noise at each step: a per-image generator keeps that reproducible too.
-    generators = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
+    # DDPM draws fresh noise at each step: a per-image generator keeps that reproducible too. It is
+    # derived from the seed through a hash, so image i's step noise never equals image i+1's start noise.
+    generators = [torch.Generator().manual_seed(_step_seed(int(s))) for s in seeds]
     for t in scheduler.timesteps:
         model_in = torch.cat([latents] * 2) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
@@ -62,7 +62,13 @@ def generate(unet, table: torch.Tensor, labels: torch.Tensor, seeds: list[int], 
             latents = torch.cat(stepped)
         else:
             latents = scheduler.step(out, t, latents).prev_sample
-    return latents.clamp(-1, 1)
+    return latents.clamp(-1, 1) if clamp else latents
+
+
+def _step_seed(seed: int) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"ddpm-steps:{seed}".encode()).digest()[:8], "little")
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -214,6 +214,8 @@ def _load_torch(path: Path, device, advice: str):
 def train(cfg: ExpertConfig) -> int:
     world = detect_world()
     device = init_distributed(world)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     out = Path(cfg.run.out_dir)
     manifest, classes = check_data(cfg)
 
@@ -374,6 +376,9 @@ def write_outputs(cfg: ExpertConfig, out: Path, classes: list[str], manifest: di
                   world: World, replica_digests: list[str]) -> None:
     """The deliverable: the best weights as expert.safetensors, its card and confusion matrix."""
     model = Expert(cfg.model.arch, len(classes), cfg.data.channels, cfg.model.input_size, cfg.model.head)
+    if not (out / BEST_WEIGHTS).is_file() or "best_confusion" not in state:
+        raise FadscaleError(f"{out / BEST_WEIGHTS}: the best weights of this run are missing; "
+                            "set run.resume=never to train again")
     best = {k.removeprefix("module."): v for k, v in load_file(str(out / BEST_WEIGHTS)).items()}
     model.load_state_dict(best)
     confusion = torch.tensor(state["best_confusion"])

@@ -168,7 +168,14 @@ class FadTrainer:
         self.lr_schedule = make_scheduler(self.optimizer, optim, cfg.train.max_steps)
         if cfg.model.compile:
             self.model.unet = torch.compile(self.model.unet)
+        deepspeed = self.accelerator.state.deepspeed_plugin
+        if deepspeed is not None:
+            # We feed our own loader, so DeepSpeed cannot infer these "auto" values from a DataLoader.
+            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+            deepspeed.deepspeed_config["gradient_clipping"] = optim.grad_clip or 0.0
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        # DeepSpeed bf16 keeps bf16 weights (fp32 master copies in the optimizer): inputs must match.
+        self.input_dtype = next(self.accelerator.unwrap_model(self.model).unet.parameters()).dtype
         self.unet = self.accelerator.unwrap_model(self.model).unet
 
     # ---------------------------------------------------------------- data
@@ -210,7 +217,7 @@ class FadTrainer:
         noise = torch.randn(clean.shape, generator=gen).to(device)
         timesteps = torch.randint(0, cfg.noise.num_train_timesteps, (clean.shape[0],), generator=gen).to(device)
         drop = (torch.rand(clean.shape[0], generator=gen) < cfg.train.label_dropout).to(device)
-        noisy = self.noise.add_noise(clean, noise, timesteps)
+        noisy = self.noise.add_noise(clean, noise, timesteps).to(self.input_dtype)
         if cfg.model.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         target = noise if cfg.noise.prediction_type == "epsilon" else self.noise.get_velocity(clean, noise, timesteps)
@@ -348,7 +355,9 @@ class FadTrainer:
                     break
         progress.close()
         if not stopped:
-            self._save()
+            newest = latest_checkpoint(self.out / "checkpoints")
+            if newest is None or newest[0] != self.state["step"]:  # a requeue after the end saves nothing new
+                self._save()
             self._write_final(logger)
         logger.close()
         self.accelerator.wait_for_everyone()

@@ -15,6 +15,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import tar_file_iterator
 
 from fadscale.data.loader import (
     NUM_VIEWS,
@@ -24,6 +25,7 @@ from fadscale.data.loader import (
     decode_image,
     eval_loader,
     in_subset,
+    _tar_members,
     train_loader,
 )
 from fadscale.data.shard import load_manifest, shard_dataset, shard_urls
@@ -312,9 +314,11 @@ def test_feature_row_of_the_drawn_view(feature_shards, workers):
     assert fingerprint(epoch(feature_shards)) == fingerprint(batches)
 
 
-def test_missing_feature_is_a_clear_error(tiny_shards):
-    with pytest.raises(FadscaleError, match=r"has no 'pooled.npy'"):
-        next(iter(train_loader(tiny_shards, **TRAIN, features=("pooled.npy",))))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_missing_feature_is_a_clear_error(tiny_shards, workers):
+    with pytest.raises(FadscaleError, match=r"train-00000\d.tar: sample \w+ has no 'pooled.npy'") as info:
+        next(iter(train_loader(tiny_shards, **TRAIN, features=("pooled.npy",), workers=workers)))
+    assert "\n" not in str(info.value)  # also when raised in a worker process
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -360,6 +364,65 @@ def test_bad_arguments(tiny_shards, tmp_path):
     (broken / "train-000001.tar").unlink()
     with pytest.raises(FadscaleError, match="missing"):
         train_loader(broken, **TRAIN)
+
+
+def _members_ours(path: Path, seekable: bool = True) -> list[tuple[str, bytes]]:
+    with open(path, "rb") as handle:
+        stream = handle if seekable else io.BufferedReader(_Unseekable(handle))
+        return [(m["fname"], m["data"]) for m in _tar_members(stream, str(path), lambda name: True)]
+
+
+class _Unseekable(io.RawIOBase):
+    """A file seen as a pipe (as a remote shard is): members must be skipped by reading."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        data = self.handle.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def test_tar_reader_agrees_with_webdataset(tiny_shards, tmp_path):
+    """The loader's fast tar reader against WebDataset's, on fadscale shards and on PAX / GNU / ustar tars."""
+    rng = np.random.default_rng(0)
+    pax = tmp_path / "pax.tar"  # TarWriter's default float mtime makes tarfile write a PAX header per member
+    with open(pax, "wb") as stream:
+        writer = wds.TarWriter(stream)
+        for i in range(4):
+            writer.write({"__key__": f"k{i}", "png": rng.bytes(700 + i), "pooled.npy": rng.bytes(1030)})
+        writer.close()
+    tars = [pax, tiny_shards / "train-000000.tar"]
+    for fmt, name in ((tarfile.GNU_FORMAT, "gnu.tar"), (tarfile.USTAR_FORMAT, "ustar.tar")):
+        tars.append(tmp_path / name)
+        with tarfile.open(tars[-1], "w", format=fmt) as tar:
+            for i in range(3):
+                data = rng.bytes(511 * i)
+                info = tarfile.TarInfo("d" * 120 + f"/k{i}.png")  # a long path: GNU long name or ustar prefix
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    for path in tars:
+        with open(path, "rb") as handle:
+            expected = [(m["fname"], m["data"]) for m in tar_file_iterator(handle)]
+        assert expected and _members_ours(path) == expected == _members_ours(path, seekable=False), path
+
+
+def test_damaged_shards_are_errors(tiny_shards, tmp_path):
+    data = (tiny_shards / "train-000000.tar").read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[:5000])
+    with pytest.raises(FadscaleError, match="truncated tar shard"):
+        _members_ours(cut)
+    flipped = bytearray(data)
+    flipped[1024 + 10] ^= 0xFF  # inside the second member's header (members: .cls at 0, .json at 1024)
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(FadscaleError, match="bad header checksum"):
+        _members_ours(bad)
 
 
 def test_shards_are_what_the_loader_assumes(tiny_shards):

@@ -22,6 +22,8 @@ from fadscale.data.procedural import (
 from fadscale.runtime.io import FadscaleError
 
 LABELS = np.arange(96) % len(CLASS_NAMES)
+# sha256 of generate_tiles(np.arange(16) % 8, size=32, seed=7): see test_golden_hash.
+GOLDEN_SHA256 = "2b27c6711ba5cc0833087fced50d88921878108ed8bed7ebeeed43ad72d7ccf5"
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +70,6 @@ def test_golden_hash():
     tiles = generate_tiles(np.arange(16) % 8, size=32, seed=7)
     digest = hashlib.sha256(tiles.tobytes()).hexdigest()
     assert digest == GOLDEN_SHA256, f"procedural tiles changed (sha256 {digest})"
-
-
-GOLDEN_SHA256 = "REPLACE"
 
 
 # --- shapes, dtypes, values --------------------------------------------------------------------
@@ -128,9 +127,8 @@ def _features(tiles: np.ndarray) -> np.ndarray:
     luma = x.mean(-1)
     gx = np.abs(np.diff(luma, axis=2)).mean((1, 2))
     gy = np.abs(np.diff(luma, axis=1)).mean((1, 2))
-    return np.column_stack([
-        x.mean((1, 2)), x.std((1, 2)), gx + gy, np.abs(gx - gy), (luma < 0.35).mean((1, 2)), (luma > 0.8).mean((1, 2)),
-    ])
+    dark, white = (luma < 0.35).mean((1, 2)), (luma > 0.8).mean((1, 2))
+    return np.column_stack([x.mean((1, 2)), x.std((1, 2)), gx + gy, np.abs(gx - gy), dark, white])
 
 
 def _nearest_centroid(train_x, train_y, test_x, test_y) -> float:
@@ -148,7 +146,8 @@ def test_classes_are_learnable_but_not_trivial():
     test = _features(generate_tiles(test_y, size=64, seed=11, start_index=640))
     accuracy = _nearest_centroid(train, train_y, test, test_y)
     colour_only = _nearest_centroid(train[:, :3], train_y, test[:, :3], test_y)
-    print(f"nearest-centroid accuracy: hand features {accuracy:.3f}, colour means only {colour_only:.3f} (chance 0.125)")
+    print(f"nearest-centroid accuracy: hand features {accuracy:.3f}, colour means only {colour_only:.3f}"
+          " (chance 0.125)")
     assert accuracy > 0.6
 
 
@@ -157,8 +156,10 @@ def test_classes_are_learnable_but_not_trivial():
 
 def test_parse_spec_accepts_good_specs():
     assert parse_spec("procedural") == ProceduralSpec()
-    assert parse_spec("procedural:per_class=200,size=64,seed=3,grayscale=1") == ProceduralSpec(200, 64, 3, True)
-    assert parse_spec(" procedural: size = 32 , grayscale=false ") == ProceduralSpec(size=32, grayscale=False)
+    full = parse_spec("procedural:per_class=200,size=64,seed=3,grayscale=1")
+    assert full == ProceduralSpec(per_class=200, size=64, seed=3, grayscale=True)
+    spaced = parse_spec(" procedural: size = 32 , grayscale=false ")
+    assert spaced == ProceduralSpec(size=32, grayscale=False)
     assert parse_spec("procedural:grayscale=true").grayscale is True
     assert parse_spec("procedural:size=8").size == 8
 

@@ -38,7 +38,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from fadscale.data.shard import load_manifest, shard_urls
 from fadscale.runtime.io import FadscaleError
@@ -152,12 +152,91 @@ def _member_filter(features: tuple[str, ...]) -> Callable[[str], bool]:
     return select
 
 
+_BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 (sizes of 8 GiB and more)
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    records, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        length = int(data[pos:data.index(b" ", pos)])
+        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _tar_members(stream, url: str, select: Callable[[str], bool]) -> Iterator[dict]:
+    """Regular members of a tar stream as WebDataset's {"fname", "data", "__url__"} dicts.
+
+    The same job as webdataset's tar_file_iterator, about 10x faster: Python's tarfile parses each
+    header field by field, which cost as much as decoding the PNG; here a header is a few slices.
+    Every worker reads the whole stream of its rank, so this matters. Handles ustar, GNU long
+    names and PAX headers (what tarfile writes); checks each header's checksum. Members that
+    `select` refuses are skipped (seeked over when the stream can seek) without being read.
+    """
+    seekable = stream.seekable() if hasattr(stream, "seekable") else False
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        header = stream.read(_BLOCK)
+        if not header or header == bytes(_BLOCK):
+            return  # end of archive (tar ends with zero blocks; a missing end marker is tolerated)
+        if len(header) < _BLOCK:
+            raise FadscaleError(f"{url}: truncated tar shard (a header is cut short)")
+        checksum = sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as 8 spaces
+        try:
+            stored = _octal(header[148:156])
+        except ValueError:
+            stored = -1
+        if checksum != stored and checksum - 256 * sum(b >= 128 for b in header[:148] + header[156:]) != stored:
+            raise FadscaleError(f"{url}: corrupt tar shard (bad header checksum)")
+        kind = header[156:157]
+        size = int(pax["size"]) if "size" in pax else _octal(header[124:136])
+        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        if kind in (b"L", b"x", b"g"):  # metadata about the next member (or, for g, all of them)
+            data = stream.read(padded)
+            if len(data) < padded:
+                raise FadscaleError(f"{url}: truncated tar shard")
+            if kind == b"L":
+                long_name = data[:size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif kind == b"x":
+                pax = _pax_records(data[:size])
+            continue
+        name = pax.get("path") or long_name
+        if name is None:
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix and header[257:262] == b"ustar":
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        long_name, pax = None, {}
+        if kind in _REGULAR and select(name):
+            data = stream.read(padded)
+            if len(data) < size:
+                raise FadscaleError(f"{url}: truncated tar shard (member {name} is cut short)")
+            yield {"fname": name, "data": data[:size], "__url__": url}
+        elif seekable:
+            stream.seek(padded, 1)
+        else:
+            while padded > 0:
+                chunk = stream.read(min(padded, 1 << 20))
+                if not chunk:
+                    raise FadscaleError(f"{url}: truncated tar shard")
+                padded -= len(chunk)
+
+
 def _shard_samples(url: str, select: Callable[[str], bool]) -> Iterator[dict]:
-    """The samples of one shard, grouped by WebDataset's own tar reader. The file is closed when the
-    generator ends or is closed (WebDataset's url_opener leaves that to the garbage collector)."""
+    """The samples of one shard: tar members grouped by key with WebDataset's group_by_keys. The file
+    is closed when the generator ends or is closed (WebDataset's url_opener leaves that to the GC)."""
     with contextlib.closing(wds.gopen(url)) as stream:
-        members = ({**member, "__url__": url} for member in tar_file_iterator(stream, select_files=select))
-        yield from group_by_keys(members)
+        yield from group_by_keys(_tar_members(stream, url, select))
 
 
 def _resampled(spec: StreamSpec, rng: random.Random) -> Iterator[dict]:
@@ -269,9 +348,32 @@ def batches_per_epoch(samples_per_epoch: int, batch_size: int, world_size: int) 
     return max(1, samples_per_epoch // (batch_size * world_size))
 
 
+class _Loader(DataLoader):
+    """A DataLoader whose worker-side FadscaleError arrives as the original one-line message (the
+    DataLoader re-raises it with the worker's whole traceback in the message), and whose workers are
+    stopped at once on an error (left to the garbage collector, they took 5 s each to go)."""
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except BaseException as exc:
+                stop = getattr(batches, "_shutdown_workers", None)
+                if stop is not None:
+                    stop()
+                lines = [line for line in str(exc).splitlines() if line.strip()]
+                if isinstance(exc, FadscaleError) and len(lines) > 1 and "FadscaleError: " in lines[-1]:
+                    raise FadscaleError(lines[-1].split("FadscaleError: ", 1)[1]) from None
+                raise
+            yield batch
+
+
 def _loader(dataset: IterableDataset, workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
+    return _Loader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                   prefetch_factor=4 if workers else None)
 
 
 def _check(*, batch_size: int, image_size: int, channels: int, rank: int, world_size: int, workers: int,

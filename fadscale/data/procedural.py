@@ -127,10 +127,12 @@ class _Batch:
         i, f, s = self._axis(cells)
         a = gx[:, i, :] * (1 - s)[:, None] + gx[:, i + 1, :] * s[:, None]
         c = gy[:, i, :] * ((1 - s) * f)[:, None] + gy[:, i + 1, :] * (s * (f - 1))[:, None]
-        return 0.5 + (a[:, :, i] * ((1 - s) * f) + c[:, :, i] * (1 - s) + a[:, :, i + 1] * (s * (f - 1)) + c[:, :, i + 1] * s)
+        left = a[:, :, i] * ((1 - s) * f) + c[:, :, i] * (1 - s)
+        return 0.5 + left + a[:, :, i + 1] * (s * (f - 1)) + c[:, :, i + 1] * s
 
     def line(self, t: np.ndarray, cells: float) -> np.ndarray:
-        """1-D smooth value noise of a coordinate map `t` (within [-0.5, 1.5]): streaks along its level lines."""
+        """1-D smooth value noise of a coordinate map `t` (within [-0.5, 1.5]): streaks that run
+        along the level lines of `t`."""
         n = int(2 * cells) + 3
         lattice = self.draw(n).ravel()
         g = np.clip((t + 0.5) * cells, 0, n - 1.01)
@@ -311,7 +313,8 @@ def _round_nuclei(b: _Batch, spacing, keep, radius, dens, margin: float = 0.05, 
     p = _Points(b, sp, b.uniform(*keep), margin=margin, smallest=spacing[0])
     r = p.of_tile(sp) * p.uniform(*radius)
     cos, sin = _unit(p.uniform(-math.pi, math.pi))
-    return _splat(b, p.tile, p.x, p.y, r, r * p.uniform(0.8, 1.0), cos, sin, p.uniform(*dens), texture, rough=0.25)
+    ry = r * p.uniform(0.8, 1.0)
+    return _splat(b, p.tile, p.x, p.y, r, ry, cos, sin, p.uniform(*dens), texture, rough=0.25)
 
 
 def _specks(b: _Batch, count: tuple[int, int], radius: tuple[float, float], dens, big: float = 0.0):
@@ -335,7 +338,10 @@ def _render_tumor(b: _Batch):
     grain = _grain(fine, 0.6)
     h = b.uniform(0.35, 0.8) * (0.5 + cyto) * grain
     e = b.uniform(0.8, 1.6) * (0.3 + 1.4 * cyto) * grain
-    nuclei = _tumour_nuclei(b, (0.1, 0.14), (0.85, 1.0), (0.038, 0.05), (1.3, 2.2), (0.3, 1.2), (1.4, 2.4), 0.35, fine)
+    nuclei = _tumour_nuclei(
+        b, spacing=(0.1, 0.14), keep=(0.85, 1.0), radius=(0.038, 0.05), elongation=(1.3, 2.2),
+        disorder=(0.3, 1.2), dens=(1.4, 2.4), hollow=0.35, texture=fine,
+    )
     # Glandular lumens and retraction gaps: white where a slow noise crosses a per-tile level.
     tissue = 1 - _ramp(b.noise(2.5) + b.uniform(-0.5, 0.0), 0.62, 0.68)
     return (h + nuclei) * tissue, e * (1 - 0.4 * np.minimum(nuclei, 1)) * tissue
@@ -357,8 +363,8 @@ def _render_stroma(b: _Batch):
     p = _Points(b, b.uniform(0.12, 0.2), b.uniform(0.15, 0.5), margin=0.05, smallest=0.12)
     c, s = _turn(p.of_tile(cos), p.of_tile(sin), p.uniform(-0.2, 0.2))
     minor = p.uniform(0.01, 0.016)
-    nuclei = _splat(b, p.tile, p.x, p.y, minor * p.uniform(2.5, 4.5), minor, c, s, p.uniform(1.6, 2.6), fine,
-                    rough=0.2)
+    major = minor * p.uniform(2.5, 4.5)
+    nuclei = _splat(b, p.tile, p.x, p.y, major, minor, c, s, p.uniform(1.6, 2.6), fine, rough=0.2)
     tissue = 1 - cleft
     return (h + nuclei) * tissue, e * tissue
 
@@ -368,9 +374,11 @@ def _render_complex(b: _Batch):
     h, e = _render_stroma(b)
     # Tumour cells invade a blotchy part of the stroma; immune cells scatter everywhere.
     invaded = _ramp(b.noise(2.5) + b.uniform(-0.2, 0.2), 0.45, 0.55)
-    tumour = _tumour_nuclei(b, (0.1, 0.15), (0.5, 0.9), (0.03, 0.045), (1.1, 2.2), (0.5, 1.5), (1.3, 2.3), 0.3,
-                            b.noise(20))
-    immune = _round_nuclei(b, (0.06, 0.09), (0.05, 0.35), (0.25, 0.3), (2.0, 3.0))
+    tumour = _tumour_nuclei(
+        b, spacing=(0.1, 0.15), keep=(0.5, 0.9), radius=(0.03, 0.045), elongation=(1.1, 2.2),
+        disorder=(0.5, 1.5), dens=(1.3, 2.3), hollow=0.3, texture=b.noise(20),
+    )
+    immune = _round_nuclei(b, spacing=(0.06, 0.09), keep=(0.05, 0.35), radius=(0.25, 0.3), dens=(2.0, 3.0))
     return h * (1 - 0.3 * invaded) + tumour * invaded + immune, e * (1 - 0.25 * invaded)
 
 
@@ -381,7 +389,8 @@ def _render_lympho(b: _Batch):
     grain = _grain(fine, 0.6)
     h = b.uniform(0.3, 0.6) * (0.5 + back) * grain
     e = b.uniform(0.3, 0.8) * (0.5 + back) * grain
-    nuclei = _round_nuclei(b, (0.06, 0.08), (0.75, 0.97), (0.38, 0.5), (2.2, 3.4), margin=0.04, texture=fine)
+    nuclei = _round_nuclei(b, spacing=(0.06, 0.08), keep=(0.75, 0.97), radius=(0.38, 0.5), dens=(2.2, 3.4),
+                           margin=0.04, texture=fine)
     tissue = 1 - _ramp(b.noise(2.5) + b.uniform(-0.4, 0.0), 0.64, 0.7)
     return (h + nuclei) * tissue, e * tissue
 
@@ -446,7 +455,8 @@ def _render_mucosa(b: _Batch):
     most = 10  # goblets per crypt at the largest lumen share
     count = np.rint(2 * math.pi * (lumen + 0.84) / (1.2 * (0.84 - lumen))).reshape(-1, 1, 1)
     j = np.arange(most, dtype=F32)
-    angle = (j + b.uniform(-0.15, 0.15, cx.shape[1], most)) * (2 * math.pi) / count + b.uniform(0, 2 * math.pi, cx.shape[1], 1)
+    turn = b.uniform(0, 2 * math.pi, cx.shape[1], 1)
+    angle = (j + b.uniform(-0.15, 0.15, cx.shape[1], most)) * (2 * math.pi) / count + turn
     keep = valid[:, :, None] & (j < count) & (b.draw(cx.shape[1], most) < b.uniform(0.6, 1.0))
     gc, gs = _unit((angle + math.pi) % (2 * math.pi) - math.pi)
     length = half_width * b.uniform(0.8, 1.0, cx.shape[1], most)
@@ -457,7 +467,7 @@ def _render_mucosa(b: _Batch):
     )
     mucin = np.minimum(goblets, 1)
     # Basal nuclei, elongated towards the centre, at a slightly uneven height.
-    most = math.ceil(2 * math.pi * 0.5 * 0.8 * 0.88 / 0.024)
+    most = math.ceil(2 * math.pi * (0.8 * 0.5) * 0.88 / 0.024)  # at the largest radius, 0.8 x 0.5
     count = np.maximum(np.floor(2 * math.pi * radius * 0.88 / 0.024), 1)[:, :, None]
     j = np.arange(most, dtype=F32)
     angle = (j + b.uniform(-0.3, 0.3, cx.shape[1], most)) * (2 * math.pi) / count
@@ -471,7 +481,8 @@ def _render_mucosa(b: _Batch):
         b.uniform(1.6, 2.4, cx.shape[1], most)[keep], fine, rough=0.3,
     )
     epithelium = _ramp(crypt, 1.0, 0.94)
-    immune = _round_nuclei(b, (0.06, 0.07), (0.2, 0.5), (0.22, 0.32), (1.8, 2.8)) * (1 - epithelium)
+    immune = _round_nuclei(b, spacing=(0.06, 0.07), keep=(0.2, 0.5), radius=(0.22, 0.32), dens=(1.8, 2.8))
+    immune *= 1 - epithelium
     h = lamina_h + (epi_h - lamina_h) * epithelium
     e = lamina_e + (epi_e - lamina_e) * epithelium
     # Goblet mucin stains pale blue-grey with a faint mesh; lumens are nearly empty.
@@ -553,7 +564,7 @@ def _stain(b: _Batch, label: int, h: np.ndarray, e: np.ndarray) -> np.ndarray:
         steps += offset[:, c, None, None]
         steps += noise
         np.clip(steps, 0, len(_OD_TABLE) - 1, out=steps)
-        rgb[..., c] = _OD_TABLE[steps.astype(np.int32)]
+        rgb[..., c] = _OD_TABLE[steps.astype(np.intp)]
     return rgb
 
 
@@ -563,7 +574,9 @@ def to_luma(rgb: np.ndarray) -> np.ndarray:
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
 
 
-def generate_tiles(labels, size: int = 64, seed: int = 0, grayscale: bool = False, start_index: int = 0) -> np.ndarray:
+def generate_tiles(
+    labels, size: int = 64, seed: int = 0, grayscale: bool = False, start_index: int = 0
+) -> np.ndarray:
     """uint8 array [N, size, size, 3] (or [N, size, size] when grayscale) for class indices `labels`.
 
     Tile i depends only on (seed, start_index + i, labels[i], size, grayscale): generating a subset
@@ -650,7 +663,8 @@ def parse_spec(text: str) -> ProceduralSpec:
             values[key] = _parse_bool(key, value)
         else:
             raise FadscaleError(
-                f"procedural spec: unknown key {key!r} (={value!r}): expected per_class, size, seed or grayscale"
+                f"procedural spec: unknown key {key!r} (={value!r}): "
+                "expected per_class, size, seed or grayscale"
             )
     return ProceduralSpec(**values)
 
@@ -701,13 +715,15 @@ def contact_sheet(path, per_class: int = 6, size: int = 64, seed: int = 0, grays
     boxes = [probe.textbbox((0, 0), name) for name in CLASS_NAMES]
     label_width = max(box[2] for box in boxes) + 3 * SHEET_GAP
     row = max(size, max(box[3] for box in boxes))
-    sheet = Image.new(mode, (label_width + per_class * (size + SHEET_GAP), SHEET_GAP + classes * (row + SHEET_GAP)), "white")
+    width = label_width + per_class * (size + SHEET_GAP)
+    sheet = Image.new(mode, (width, SHEET_GAP + classes * (row + SHEET_GAP)), "white")
     draw = ImageDraw.Draw(sheet)
     for c, name in enumerate(CLASS_NAMES):
         top = SHEET_GAP + c * (row + SHEET_GAP)
         draw.text((SHEET_GAP, top + (row - boxes[c][3]) // 2), name, fill="black")
         for j in range(per_class):
-            sheet.paste(Image.fromarray(tiles[j * classes + c]), (label_width + j * (size + SHEET_GAP), top))
+            left = label_width + j * (size + SHEET_GAP)
+            sheet.paste(Image.fromarray(tiles[j * classes + c]), (left, top))
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,531 @@
+"""`fadscale sample`: generate tiles per class from a trained FAD (or vanilla) run.
+
+    python -m fadscale.sample --config configs/tiny/sample.yaml
+    accelerate launch --multi_gpu --num_processes 2 -m fadscale.sample --config configs/sample.yaml
+
+Reproducible whatever the number of ranks: every image has its own seed (from run.seed, its class,
+its index and its attempt), and the images are cut, in a fixed global order (class-major), into
+batches of `sample.batch_size`; batch b goes to rank b % world. So each batch holds the same images
+with 1 or 8 ranks, and the PNGs are byte-identical.
+
+The sample set `<run.out_dir>/samples/` is built in a temporary folder and renamed when complete
+(`run.out_dir` itself also holds what a cluster job writes there: the sbatch script, SLURM logs):
+
+    samples/
+      manifest.json          what was sampled, from which run and weights, how, with every seed
+      config.yaml            the effective config
+      <CLASS>/00000.png ...  8-bit L or RGB tiles
+      grids/<CLASS>.png      a grid of the first images of each class
+      grid.png               one row per class
+      shards/                (output.shards) the same tiles as WebDataset shards, in the shard format
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import Field, model_validator
+from safetensors.torch import load_file
+
+from fadscale import __version__
+from fadscale.config import Section, build_config, save_config
+from fadscale.runtime.entry import run_entry
+from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_json, git_commit, read_json
+from fadscale.runtime.logging import log_line
+from fadscale.sampling import generate, grid, make_scheduler, to_uint8
+
+SAMPLES_DIR = "samples"
+MANIFEST = "manifest.json"
+FORMAT = "fadscale-samples"
+FORMAT_VERSION = 1
+RUN_CARD = "run_card.json"
+HEAD_FILE = "fad_head.safetensors"
+SEED_RULE = "int.from_bytes(sha256(f'fadscale-sample:{base}:{class_index}:{index}:{attempt}')[:8], 'big') >> 1"
+DEFAULT_STEPS = {"dpm++": 25, "ddim": 50}
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+class SampleRunSection(Section):
+    out_dir: str = Field("runs/samples", description="folder of this stage; the sample set is <out_dir>/samples")
+    seed: int = Field(0, ge=0, description="base seed: every image's seed derives from it, its class and index")
+    overwrite: bool = Field(False, description="replace an existing sample set (only once the new one is complete)")
+
+
+class SampleModelSection(Section):
+    path: str = Field("runs/fad", description="a FAD/vanilla run folder (holding final/) or its final/ folder")
+    weights: Literal["ema", "raw"] = Field("ema", description="ema: unet_ema (unet when the run has none)")
+
+
+class SamplingSection(Section):
+    scheduler: Literal["dpm++", "ddim", "ddpm"] = Field("dpm++", description="ddpm: the reference (1000 steps)")
+    steps: int | None = Field(None, ge=1, description="None: 25 for dpm++, 50 for ddim, all training steps for ddpm")
+    guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale; 1: off")
+    per_class: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="images per UNet batch (the same on any number of ranks)")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on GPU")
+
+
+class FilterSection(Section):
+    enabled: bool = Field(False, description="the reference's mean-intensity rejection filter")
+    low: float = Field(0.02, ge=0, le=1, description="reject tiles whose mean intensity (0..1) is below")
+    high: float = Field(0.98, ge=0, le=1, description="reject tiles whose mean intensity (0..1) is above")
+    max_attempts: int = Field(10, ge=1, description="generations per image; the last is kept even if rejected")
+
+
+class OutputSection(Section):
+    grid: int = Field(64, ge=1, description="images per class in the grids")
+    shards: bool = Field(False, description="also write the tiles as WebDataset shards (png/cls/json)")
+    shard_samples: int = Field(1000, ge=1, description="tiles per shard")
+
+
+class SampleConfig(Section):
+    run: SampleRunSection = SampleRunSection()
+    model: SampleModelSection = SampleModelSection()
+    sample: SamplingSection = SamplingSection()
+    filter: FilterSection = FilterSection()
+    output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _filter_range(self) -> "SampleConfig":
+        # Here rather than in FilterSection: a check across keys is reported with its own message.
+        if self.filter.low > self.filter.high:
+            raise ValueError(f"filter.low ({self.filter.low}) must not exceed filter.high ({self.filter.high})")
+        return self
+
+
+def sample_config(model_path: str | Path, out_dir: str | Path, **overrides) -> SampleConfig:
+    """A SampleConfig from a run folder and an output folder; other settings as section__key=value."""
+    tree: dict = {"run": {"out_dir": str(out_dir)}, "model": {"path": str(model_path)}}
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        tree.setdefault(section, {})[name] = value
+    return build_config(SampleConfig, tree, "sample_config")
+
+
+# --------------------------------------------------------------------------------------------------
+# The trained run
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_final(path: str | Path) -> Path:
+    """The final/ folder of a run folder (or the folder itself when it holds the run card)."""
+    path = Path(path)
+    for candidate in (path / "final", path):
+        if (candidate / RUN_CARD).is_file():
+            return candidate
+    if not path.exists():
+        raise FadscaleError(f"model.path {path}: not found")
+    raise FadscaleError(f"model.path {path}: no final/{RUN_CARD} (has training finished?)")
+
+
+def read_run_card(final: Path) -> dict:
+    card = read_json(final / RUN_CARD, "run card")
+    if not isinstance(card, dict) or card.get("format") != "fadscale-fad-run":
+        raise FadscaleError(f"{final / RUN_CARD}: not a fadscale FAD run card")
+    missing = [k for k in ("classes", "space", "channels", "image_size", "sample_size", "null_index", "noise")
+               if k not in card]
+    if missing:
+        raise FadscaleError(f"{final / RUN_CARD}: missing {', '.join(missing)}")
+    return card
+
+
+@dataclass
+class LoadedRun:
+    final: Path
+    card: dict
+    unet: torch.nn.Module
+    table: torch.Tensor
+    weights: str  # the folder used: unet_ema or unet
+    fallback: bool  # EMA asked for, but the run has none
+    vae: torch.nn.Module | None = None
+    vae_scale: float = 1.0
+
+
+def load_run(path: str | Path, weights: str = "ema", device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> LoadedRun:
+    """UNet (EMA or raw), conditioning table and, for latent runs, the VAE of a trained run."""
+    from diffusers import UNet2DConditionModel
+
+    final = resolve_final(path)
+    card = read_run_card(final)
+    folder, fallback = ("unet_ema", False) if weights == "ema" else ("unet", False)
+    if folder == "unet_ema" and not (final / "unet_ema").is_dir():
+        folder, fallback = "unet", True
+    if not (final / folder).is_dir():
+        raise FadscaleError(f"{final / folder}: UNet weights not found")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(final / folder, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise FadscaleError(f"{final / folder}: cannot load the UNet ({exc})") from None
+    head = final / HEAD_FILE
+    if not head.is_file():
+        raise FadscaleError(f"{head}: conditioning head not found")
+    try:
+        table = load_file(str(head))["conditioning.table"].float()
+    except Exception as exc:  # noqa: BLE001 - unreadable or without the key: the same user error
+        raise FadscaleError(f"{head}: no readable conditioning.table ({exc})") from None
+    classes = len(card["classes"])
+    if table.shape[0] != classes + 1:
+        raise FadscaleError(f"{head}: conditioning table has {table.shape[0]} rows; expected {classes + 1} "
+                            f"({classes} classes + the null token)")
+    loaded = LoadedRun(final, card, unet.to(device).eval().requires_grad_(False), table, folder, fallback)
+    if card["space"] == "latent":
+        loaded.vae, loaded.vae_scale = load_vae(card.get("vae"), device)
+    return loaded
+
+
+def load_vae(path: str | None, device) -> tuple[torch.nn.Module, float]:
+    from diffusers import AutoencoderKL
+
+    if not path:
+        raise FadscaleError("the run is in latent space but its run card names no VAE")
+    kwargs = {"subfolder": "vae"} if (Path(path) / "vae").is_dir() else {}
+    try:
+        vae = AutoencoderKL.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise FadscaleError(f"VAE {path!r}: cannot load it ({exc})") from None
+    return vae.to(device).eval().requires_grad_(False), float(vae.config.get("scaling_factor", 0.18215))
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds and work split
+# --------------------------------------------------------------------------------------------------
+
+
+def image_seed(base: int, class_index: int, index: int, attempt: int = 0) -> int:
+    """The seed of one image (< 2**63). Hashed rather than consecutive: generate() also seeds the DDPM
+    step noise with seed + 1, which must not be another image's seed; and the seeds of the first N
+    images of a class do not change when more images per class are asked for."""
+    digest = hashlib.sha256(f"fadscale-sample:{base}:{class_index}:{index}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def work_batches(classes: int, per_class: int, batch_size: int, rank: int, world: int) -> list[list[tuple[int, int]]]:
+    """This rank's batches of (class_index, index): the global class-major order cut into batches,
+    batch b on rank b % world."""
+    order = [(c, j) for c in range(classes) for j in range(per_class)]
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    return batches[rank::world]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """[H, W] or [H, W, 3] uint8 -> PNG bytes (fixed settings: the same pixels give the same bytes)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L" if image.ndim == 2 else "RGB").save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def _as_hwc(image: torch.Tensor) -> np.ndarray:
+    array = image.cpu().numpy()
+    return array[0] if array.shape[0] == 1 else np.ascontiguousarray(array.transpose(1, 2, 0))
+
+
+def class_dir_name(name: str) -> str:
+    """A class name as a folder name (Kather's names are already safe)."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "_"
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------
+
+
+class Sampler:
+    """Generates images of one run: UNet in the run's space, then (latent runs) the VAE decoder."""
+
+    def __init__(self, cfg: SampleConfig, loaded: LoadedRun, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.run, self.device, self.dtype = cfg, loaded, device, dtype
+        card = loaded.card
+        self.latent = card["space"] == "latent"
+        self.out_channels = int(card.get("config", {}).get("data", {}).get("channels", card["channels"])) \
+            if self.latent else int(card["channels"])
+        name = cfg.sample.scheduler
+        self.steps = cfg.sample.steps or DEFAULT_STEPS.get(name, int(card["noise"]["num_train_timesteps"]))
+        # Latents are not images: neither the scheduler nor the loop may clip them to [-1, 1].
+        self.scheduler = make_scheduler(name, dict(card["noise"]), clip_sample=not self.latent)
+
+    @torch.no_grad()
+    def images(self, labels: list[int], seeds: list[int]) -> torch.Tensor:
+        """uint8 [N, C, S, S] for these labels and seeds."""
+        card = self.run.card
+        out = generate(self.run.unet, self.run.table, torch.tensor(labels), seeds, scheduler=self.scheduler,
+                       steps=self.steps, guidance=self.cfg.sample.guidance, null_index=card["null_index"],
+                       image_size=card["sample_size"], channels=card["channels"], device=self.device,
+                       dtype=self.dtype, clamp=not self.latent)
+        if self.latent:
+            vae = self.run.vae
+            out = vae.decode(out.to(self.device, next(vae.parameters()).dtype) / self.run.vae_scale).sample.float()
+            out = out.clamp(-1, 1)
+            if out.shape[1] != self.out_channels:
+                if self.out_channels == 1:
+                    weights = torch.tensor([0.299, 0.587, 0.114], device=out.device).view(1, 3, 1, 1)
+                    out = (out * weights).sum(1, keepdim=True)
+                else:
+                    out = out.expand(-1, self.out_channels, -1, -1)
+        return to_uint8(out.cpu())
+
+
+def _mean_intensity(image: torch.Tensor) -> float:
+    return float(image.float().mean() / 255.0)
+
+
+def _generate_batch(sampler: Sampler, cfg: SampleConfig, batch: list[tuple[int, int]], folder: Path,
+                    names: list[str]) -> tuple[list[dict], int]:
+    """Generate, filter and write one batch; returns (records, generations). Rejected images are
+    generated again (next attempt's seed) in follow-up rounds of the same batch."""
+    flt = cfg.filter
+    pending = [(c, j, 0) for c, j in batch]
+    records, generations = [], 0
+    while pending:
+        seeds = [image_seed(cfg.run.seed, c, j, a) for c, j, a in pending]
+        images = sampler.images([c for c, _, _ in pending], seeds)
+        generations += len(pending)
+        retry = []
+        for (c, j, attempt), seed, image in zip(pending, seeds, images):
+            mean = _mean_intensity(image)
+            passed = flt.low <= mean <= flt.high
+            if flt.enabled and not passed and attempt + 1 < flt.max_attempts:
+                retry.append((c, j, attempt + 1))
+                continue
+            rel = f"{class_dir_name(names[c])}/{j:05d}.png"
+            (folder / rel).write_bytes(png_bytes(_as_hwc(image)))
+            records.append({"file": rel, "class": names[c], "class_index": c, "index": j, "seed": seed,
+                            "attempts": attempt + 1, "mean_intensity": round(mean, 6),
+                            "passed_filter": passed if flt.enabled else None})
+        pending = retry
+    return records, generations
+
+
+def _read_png(path: Path) -> torch.Tensor:
+    with Image.open(path) as img:
+        array = np.asarray(img, dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy())
+    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def write_grid(images: list[torch.Tensor], path: Path, rows: int | None = None) -> None:
+    stack = torch.stack(images)
+    if rows is None:
+        rows = max(1, int(math.floor(math.sqrt(len(images)))))
+    picture = grid(stack, rows)
+    array = picture[0].numpy() if picture.shape[0] == 1 else picture.permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(np.ascontiguousarray(array)))
+
+
+def _write_grids(folder: Path, names: list[str], records: list[dict], limit: int) -> dict:
+    by_class: dict[str, list[dict]] = {name: [] for name in names}
+    for rec in sorted(records, key=lambda r: (r["class_index"], r["index"])):
+        by_class[rec["class"]].append(rec)
+    written = {}
+    for name in names:
+        images = [_read_png(folder / rec["file"]) for rec in by_class[name][:limit]]
+        rel = f"grids/{class_dir_name(name)}.png"
+        write_grid(images, folder / rel)
+        written[name] = rel
+    per_row = min(8, min(len(v) for v in by_class.values()))
+    rows = [_read_png(folder / rec["file"]) for name in names for rec in by_class[name][:per_row]]
+    write_grid(rows, folder / "grid.png", rows=len(names))
+    return {"per_class": written, "all": "grid.png"}
+
+
+def _write_shards(folder: Path, names: list[str], records: list[dict], channels: int, size: int,
+                  per_shard: int, source: Path) -> str:
+    """The tiles as WebDataset shards in fadscale's shard format (all in the train split), readable by
+    fadscale.data.loader (e.g. to train a classifier on synthetic tiles)."""
+    import json
+
+    from fadscale.data.shard import FORMAT as SHARD_FORMAT, FORMAT_VERSION as SHARD_VERSION, _ShardWriter
+
+    out = folder / "shards"
+    out.mkdir()
+    writer = _ShardWriter(out, "train", per_shard, 1 << 40)
+    counts = {name: 0 for name in names}
+    for rec in sorted(records, key=lambda r: (r["class_index"], r["index"])):
+        key = f"{rec['class_index']:02d}_gen{rec['index']:07d}"
+        meta = {"source": "generated", "class_name": rec["class"], "seed": rec["seed"], "file": rec["file"],
+                "run": str(source)}
+        writer.write(key, {"cls": str(rec["class_index"]).encode("ascii"), "png": (folder / rec["file"]).read_bytes(),
+                           "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+        counts[rec["class"]] += 1
+    shards = writer.close()
+    classes = [{"index": i, "name": name, "folder": class_dir_name(name)} for i, name in enumerate(names)]
+    manifest = {
+        "format": SHARD_FORMAT, "format_version": SHARD_VERSION, "tool_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(source), "kind": "generated", "spec": None, "root": None},
+        "image": {"mode": "L" if channels == 1 else "RGB", "channels": channels, "sizes": {f"{size}x{size}": len(records)}},
+        "classes": classes, "seed": None, "val_fraction": 0.0,
+        "splits": {"train": {"count": len(records), "per_class": counts, "shards": shards},
+                   "val": {"count": 0, "per_class": {name: 0 for name in names}, "shards": []}},
+        "skipped": [],
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    return "shards"
+
+
+def _device_and_dtype(mixed: str, device: torch.device) -> torch.dtype:
+    if mixed == "auto":
+        mixed = "bf16" if device.type == "cuda" else "no"
+    return torch.bfloat16 if mixed == "bf16" else torch.float32
+
+
+def sample_images(cfg: SampleConfig) -> dict:
+    """Generate the sample set of `cfg` (in one process, or on every rank under accelerate launch);
+    returns the manifest (on every rank)."""
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = accelerator.device
+    final_dir = Path(cfg.run.out_dir) / SAMPLES_DIR
+    # Every rank checks what it can, so a bad input stops all ranks alike (no rank left waiting).
+    if final_dir.exists() and not cfg.run.overwrite:
+        raise FadscaleError(f"{final_dir}: sample set already exists (set run.overwrite=true to replace it)")
+    try:
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FadscaleError(f"run.out_dir {final_dir.parent}: cannot create it ({exc.strerror})") from None
+    if not os.access(final_dir.parent, os.W_OK):
+        raise FadscaleError(f"run.out_dir {final_dir.parent}: not writable")
+    dtype = _device_and_dtype(cfg.sample.mixed_precision, device)
+    loaded = load_run(cfg.model.path, cfg.model.weights, device, dtype)
+    card = loaded.card
+    names = list(card["classes"])
+    sampler = Sampler(cfg, loaded, device, dtype)
+    if cfg.sample.guidance != 1.0 and not card.get("config", {}).get("train", {}).get("label_dropout", 1.0):
+        log_line(f"warning: guidance {cfg.sample.guidance} with a run trained without label dropout: "
+                 "its null token is untrained", is_main)
+    if loaded.fallback:
+        log_line(f"warning: {loaded.final} has no unet_ema: sampling with the raw weights (unet)", is_main)
+    total = len(names) * cfg.sample.per_class
+    log_line(f"sampling {total} tiles ({cfg.sample.per_class} per class) from {loaded.final} "
+             f"(step {card.get('step')}, {card.get('method')}, {loaded.weights}) with {cfg.sample.scheduler} "
+             f"{sampler.steps} steps, guidance {cfg.sample.guidance}, on {world} process(es) ({device.type})", is_main)
+
+    with contextlib.ExitStack() as stack:
+        folder_box = [None]
+        if is_main:
+            folder_box[0] = str(stack.enter_context(atomic_output_dir(final_dir, overwrite=cfg.run.overwrite)))
+        if world > 1:
+            broadcast_object_list(folder_box)
+        folder = Path(folder_box[0])
+        if is_main:
+            for name in names:
+                (folder / class_dir_name(name)).mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+
+        start = time.perf_counter()
+        records, generations, error = [], 0, None
+        try:
+            for batch in work_batches(len(names), cfg.sample.per_class, cfg.sample.batch_size, rank, world):
+                got, made = _generate_batch(sampler, cfg, batch, folder, names)
+                records += got
+                generations += made
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below, so none waits forever
+            error = f"rank {rank}: {type(exc).__name__}: {exc}"
+        elapsed = time.perf_counter() - start
+        mine = [{"rank": rank, "records": records, "generations": generations, "seconds": elapsed, "error": error}]
+        ranks = gather_object(mine) if world > 1 else mine
+        errors = [r["error"] for r in ranks if r["error"]]
+        if errors:
+            raise FadscaleError(f"sampling failed: {'; '.join(errors)}")
+        everything = sorted((rec for r in ranks for rec in r["records"]), key=lambda r: (r["class_index"], r["index"]))
+        manifest = _manifest(cfg, loaded, sampler, names, everything, ranks, dtype, device, world)
+        if is_main:
+            if len(everything) != total or len({r["file"] for r in everything}) != total:
+                raise FadscaleError(f"internal error: {len(everything)} tiles written, expected {total}")
+            manifest["grids"] = _write_grids(folder, names, everything, cfg.output.grid)
+            if cfg.output.shards:
+                manifest["shards"] = _write_shards(folder, names, everything, sampler.out_channels,
+                                                   int(card["image_size"]), cfg.output.shard_samples, loaded.final)
+            save_config(cfg, folder / "config.yaml")
+            atomic_write_json(folder / MANIFEST, manifest)
+    accelerator.wait_for_everyone()
+    log_line(f"wrote {final_dir}: {total} tiles, {manifest['timing']['s_per_image']:.3f} s/image"
+             + (f", {manifest['filter']['rejected']} rejected by the filter" if cfg.filter.enabled else ""), is_main)
+    return manifest
+
+
+def _manifest(cfg: SampleConfig, loaded: LoadedRun, sampler: Sampler, names: list[str], records: list[dict],
+              ranks: list[dict], dtype: torch.dtype, device: torch.device, world: int) -> dict:
+    card = loaded.card
+    images = len(records)
+    generations = sum(r["generations"] for r in ranks)
+    busy = sum(r["seconds"] for r in ranks)
+    wall = max(r["seconds"] for r in ranks)
+    rejected_per_class = {name: 0 for name in names}
+    failing = 0
+    for rec in records:
+        rejected_per_class[rec["class"]] += rec["attempts"] - 1
+        failing += rec["passed_filter"] is False
+    size = int(card["image_size"])
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tool_version": __version__,
+        "git_commit": git_commit(),
+        "run": {"path": str(loaded.final.resolve()), "step": card.get("step"), "method": card.get("method"),
+                "space": card["space"], "expert": card.get("expert"), "shards_manifest": card.get("shards_manifest"),
+                "vae": card.get("vae")},
+        "classes": names,
+        "class_folders": {name: class_dir_name(name) for name in names},
+        "image": {"size": size, "channels": sampler.out_channels, "mode": "L" if sampler.out_channels == 1 else "RGB"},
+        "weights": {"requested": cfg.model.weights, "used": loaded.weights, "fallback": loaded.fallback},
+        "sampler": {"scheduler": cfg.sample.scheduler, "steps": sampler.steps, "guidance": cfg.sample.guidance,
+                    "batch_size": cfg.sample.batch_size, "dtype": str(dtype).removeprefix("torch."),
+                    "device": device.type},
+        "seeds": {"base": cfg.run.seed, "rule": SEED_RULE},
+        "per_class": {name: sum(1 for r in records if r["class"] == name) for name in names},
+        "count": images,
+        "filter": {"enabled": cfg.filter.enabled, "low": cfg.filter.low, "high": cfg.filter.high,
+                   "max_attempts": cfg.filter.max_attempts, "rejected": sum(rejected_per_class.values()),
+                   "rejected_per_class": rejected_per_class, "kept_failing": failing},
+        "generations": generations,
+        "timing": {"wall_s": round(wall, 3), "busy_s": round(busy, 3),
+                   "s_per_image": busy / max(images, 1), "images_per_s": images / max(wall, 1e-9),
+                   "per_rank_s": [round(r["seconds"], 3) for r in sorted(ranks, key=lambda r: r["rank"])]},
+        "world_size": world,
+        "grids": None,
+        "shards": None,
+        "images": records,
+    }
+
+
+def read_sample_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    manifest = read_json(path, "sample manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise FadscaleError(f"{path}: not a fadscale sample manifest")
+    return manifest
+
+
+def run(cfg: SampleConfig) -> int:
+    sample_images(cfg)
+    return 0
+
+
+def main(argv=None) -> None:
+    run_entry("sample", SampleConfig, run, argv)
+
+
+if __name__ == "__main__":
+    main()

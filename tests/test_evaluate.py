@@ -1,0 +1,151 @@
+"""`fadscale evaluate`: real validation tiles fed as if they were samples, the alignment-expert refusal,
+and one-line errors for bad sample folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from fadscale.evaluate import evaluate_samples, export_real_tiles
+from fadscale.runtime.io import FadscaleError
+
+from .conftest import run_module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a small shared CPU, two threads make these tiny models several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def real_as_samples(tiny_shards, tmp_path_factory) -> Path:
+    """The real val tiles exported as a sample set (<CLASS>/<index>.png + manifest)."""
+    return export_real_tiles(tiny_shards, tmp_path_factory.mktemp("evaluate") / "real-val")
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "samples"
+    shutil.copytree(folder, out)
+    return out
+
+
+def test_evaluator_on_real_val_tiles_gives_its_card_accuracy(real_as_samples, tiny_expert, tiny_shards, tmp_path):
+    out = tmp_path / "report"
+    report = evaluate_samples(real_as_samples, tiny_expert, out, real__shards=str(tiny_shards),
+                              utility__enabled=False, metrics__ssim_pairs=10, metrics__kid_subsets=5)
+    card = json.loads(Path(tiny_expert).read_text())
+    acc = report["generation_accuracy"]
+    # Exact on CPU; on a GPU the card's accuracy was measured under bf16 autocast, the evaluator runs fp32.
+    tolerance = 2 / card["val_count"] if torch.cuda.is_available() else 1e-9
+    assert acc["overall"] == pytest.approx(card["val_accuracy"], abs=tolerance)
+    if not torch.cuda.is_available():
+        assert acc["per_class"] == pytest.approx(card["val_accuracy_per_class"], abs=1e-6)
+    assert acc["count"] == card["val_count"] == report["real"]["count"]
+    assert report["real_accuracy"]["overall"] == acc["overall"]
+    # The same tiles on both sides: zero distance, full precision and recall, equal diversity.
+    overall = report["distances"]["overall"]
+    assert overall["frechet"] == pytest.approx(0.0, abs=1e-6)
+    assert overall["precision"] == 1.0 and overall["recall"] == 1.0
+    for name, entry in report["diversity"]["per_class"].items():
+        assert entry["generated"] == pytest.approx(entry["real"], abs=1e-12), name
+    assert report["inception_fid"]["computed"] is False
+    assert report["utility"]["computed"] is False
+    assert any("alignment expert is unknown" in w for w in report["warnings"])
+    # The report folder.
+    assert json.loads((out / "report.json").read_text())["generation_accuracy"]["overall"] == acc["overall"]
+    markdown = (out / "report.md").read_text()
+    assert "| generation accuracy" in markdown and "| TUMOR |" in markdown
+    assert (out / "confusion.png").is_file() and (out / "config.yaml").is_file()
+    for name in card["classes"]:
+        with Image.open(out / "grids" / f"{name}.png") as grid:
+            assert grid.size == (32 * 6, 32 * 2)  # 6 real val tiles over 6 "generated" ones
+    with pytest.raises(FadscaleError, match="already exists"):
+        evaluate_samples(real_as_samples, tiny_expert, out, real__shards=str(tiny_shards), utility__enabled=False)
+
+
+def test_alignment_expert_is_refused_as_evaluator_unless_allowed(real_as_samples, tiny_expert, tiny_shards, tmp_path):
+    common = dict(real__shards=str(tiny_shards), utility__enabled=False, metrics__ssim_pairs=4, metrics__kid_subsets=2,
+                  metrics__per_class=False)
+    # Named explicitly ...
+    with pytest.raises(FadscaleError, match="alignment expert"):
+        evaluate_samples(real_as_samples, tiny_expert, evaluator__alignment_expert=str(tiny_expert), **common)
+    # ... or through the run card recorded in the sample manifest.
+    samples = _copy(real_as_samples, tmp_path)
+    manifest = json.loads((samples / "manifest.json").read_text())
+    sha = json.loads(Path(tiny_expert).read_text())["sha256"]
+    manifest["run"] = {"path": "somewhere/final", "method": "fad", "step": 8,
+                       "expert": {"card": str(tiny_expert), "sha256": sha}}
+    (samples / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FadscaleError, match="alignment expert.*allow_alignment_expert"):
+        evaluate_samples(samples, tiny_expert, **common)
+    # The override works and is reported.
+    out = tmp_path / "report"
+    report = evaluate_samples(samples, tiny_expert, out, evaluator__allow_alignment_expert=True, **common)
+    assert report["evaluator"]["is_alignment_expert"] is True
+    assert report["evaluator"]["allowed_anyway"] is True
+    assert any("IS the alignment expert" in w for w in report["warnings"])
+    assert "the alignment expert itself" in (out / "report.md").read_text()
+
+
+def test_utility_classifiers(real_as_samples, tiny_expert, tiny_shards):
+    report = evaluate_samples(real_as_samples, tiny_expert, real__shards=str(tiny_shards), utility__epochs=1,
+                              metrics__ssim_pairs=4, metrics__kid_subsets=2, metrics__per_class=False)
+    utility = report["utility"]
+    assert utility["computed"] is True
+    assert set(utility["setups"]) == {"real", "synthetic", "real+synthetic"}
+    real_train = utility["real_train_tiles"]
+    assert utility["setups"]["synthetic"]["train_tiles"] == 48
+    assert utility["setups"]["real+synthetic"]["train_tiles"] == real_train + 48
+    for result in utility["setups"].values():
+        assert 0.0 <= result["overall"] <= 1.0 and result["count"] == 48
+
+
+def test_bad_sample_folders_give_one_line_errors(real_as_samples, tiny_expert, tiny_shards, tmp_path):
+    def check(folder, pattern):
+        with pytest.raises(FadscaleError, match=pattern) as info:
+            evaluate_samples(folder, tiny_expert, real__shards=str(tiny_shards), utility__enabled=False)
+        assert "\n" not in str(info.value)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check(empty, "no generated tiles")
+    check(tmp_path / "absent", "not found")
+
+    missing = _copy(real_as_samples, tmp_path / "m")
+    shutil.rmtree(missing / "LYMPHO")
+    check(missing, "LYMPHO missing")
+
+    sizes = _copy(real_as_samples, tmp_path / "s")
+    Image.new("L", (16, 16), 128).save(sizes / "DEBRIS" / "00002.png")
+    check(sizes, "mismatched image sizes: DEBRIS/00002.png is 16x16")
+
+    short = _copy(real_as_samples, tmp_path / "c")
+    (short / "EMPTY" / "00000.png").unlink()
+    check(short, "counts differ from its manifest: EMPTY")
+
+    stranger = _copy(real_as_samples, tmp_path / "x")
+    (stranger / "tumour").mkdir()
+    shutil.copy(stranger / "TUMOR" / "00000.png", stranger / "tumour" / "00000.png")
+    check(stranger, "tumour are not classes")
+
+
+def test_cli_reports_a_bad_folder_in_one_line(tiny_expert, tiny_shards, tmp_path):
+    (tmp_path / "empty").mkdir()
+    config = tmp_path / "evaluate.yaml"
+    config.write_text(yaml.safe_dump({"run": {"out_dir": str(tmp_path / "report")}, "samples": str(tmp_path / "empty"),
+                                      "real": {"shards": str(tiny_shards)}, "evaluator": {"card": str(tiny_expert)}}))
+    proc = run_module("fadscale.evaluate", "--config", str(config), "--set", "utility.enabled=false")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: samples ")
+    assert "no generated tiles" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "report").exists()

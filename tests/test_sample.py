@@ -1,0 +1,208 @@
+"""`fadscale sample`: output layout and manifest, determinism over 1 and 2 ranks, the rejection filter's
+accounting, EMA vs raw weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from fadscale.config import load_config
+from fadscale.runtime.io import FadscaleError
+from fadscale.sample import SampleConfig, image_seed, sample_config, sample_images, work_batches
+
+from .conftest import run_module
+
+CLASSES = ["TUMOR", "STROMA", "COMPLEX", "LYMPHO", "DEBRIS", "MUCOSA", "ADIPOSE", "EMPTY"]
+# Cheap and shared by every run below: DDIM 4 steps, batches of 3 that cut across classes.
+BASE = dict(sample__scheduler="ddim", sample__steps=4, sample__batch_size=3, run__seed=5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a small shared CPU, two threads make these tiny models several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+@pytest.fixture(scope="module")
+def sample_set(tiny_fad_run, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("sample") / "fad"
+    manifest = sample_images(sample_config(tiny_fad_run, out, sample__per_class=2, output__shards=True, **BASE))
+    return out / "samples", manifest
+
+
+def _pngs(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob("*/*.png"))
+            if p.parent.name in CLASSES}
+
+
+def test_layout_and_manifest(sample_set, tiny_fad_run):
+    folder, manifest = sample_set
+    assert json.loads((folder / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
+    assert manifest["format"] == "fadscale-samples" and manifest["count"] == 16
+    assert manifest["classes"] == CLASSES and manifest["per_class"] == {c: 2 for c in CLASSES}
+    assert manifest["run"]["path"] == str((tiny_fad_run / "final").resolve())
+    assert manifest["run"]["step"] == 8 and manifest["run"]["method"] == "fad"
+    assert manifest["run"]["expert"]["sha256"]
+    gpu = torch.cuda.is_available()  # mixed_precision auto: bf16 on GPU
+    assert manifest["sampler"] == {"scheduler": "ddim", "steps": 4, "guidance": 1.0, "batch_size": 3,
+                                   "dtype": "bfloat16" if gpu else "float32", "device": "cuda" if gpu else "cpu"}
+    assert manifest["weights"] == {"requested": "ema", "used": "unet_ema", "fallback": False}
+    assert manifest["filter"]["enabled"] is False and manifest["filter"]["rejected"] == 0
+    assert manifest["timing"]["s_per_image"] > 0 and manifest["world_size"] == 1
+    assert (folder / "config.yaml").is_file()
+    files = _pngs(folder)
+    assert sorted(files) == sorted(f"{c}/{j:05d}.png" for c in CLASSES for j in range(2))
+    for rec in manifest["images"]:
+        assert rec["seed"] == image_seed(5, rec["class_index"], rec["index"]) and rec["attempts"] == 1
+        with Image.open(folder / rec["file"]) as img:
+            assert img.mode == "L" and img.size == (32, 32)
+    assert len({rec["seed"] for rec in manifest["images"]}) == 16
+    with Image.open(folder / "grids" / "TUMOR.png") as grid:
+        assert grid.size == (64, 32)
+    with Image.open(folder / "grid.png") as grid:
+        assert grid.size == (64, 8 * 32)
+    # Refuses an existing sample set before doing any work.
+    with pytest.raises(FadscaleError, match="already exists"):
+        sample_images(sample_config(tiny_fad_run, folder.parent, sample__per_class=2, **BASE))
+
+
+def test_shards_hold_the_same_tiles(sample_set):
+    from fadscale.data.loader import eval_loader
+    from fadscale.sampling import to_uint8
+
+    folder, manifest = sample_set
+    assert manifest["shards"] == "shards"
+    seen = 0
+    for batch in eval_loader(folder / "shards", split="train", batch_size=16, image_size=32, channels=1):
+        for key, label, image in zip(batch["key"], batch["label"].tolist(), to_uint8(batch["image"])):
+            c, j = int(key[:2]), int(key.split("gen")[1])
+            assert label == c
+            with Image.open(folder / CLASSES[c] / f"{j:05d}.png") as img:
+                assert torch.equal(torch.from_numpy(np.array(img)), image[0])
+            seen += 1
+    assert seen == 16
+
+
+def test_work_is_split_into_the_same_batches_on_any_number_of_ranks():
+    single = work_batches(8, 5, 3, rank=0, world=1)
+    for world in (2, 3):
+        parts = [work_batches(8, 5, 3, rank=r, world=world) for r in range(world)]
+        merged = [batch for i in range(len(single)) for batch in [parts[i % world][i // world]]]
+        assert merged == single
+    assert sorted(item for batch in single for item in batch) == [(c, j) for c in range(8) for j in range(5)]
+
+
+def test_rejection_filter_accounting(sample_set, tiny_fad_run, tmp_path):
+    folder, manifest = sample_set
+    means = sorted(rec["mean_intensity"] for rec in manifest["images"])
+    low = means[len(means) // 2]  # about half of the first attempts are rejected
+    flt = dict(filter__enabled=True, filter__low=low, filter__high=1.0, filter__max_attempts=3)
+    filtered = sample_images(sample_config(tiny_fad_run, tmp_path, sample__per_class=2, **BASE, **flt))
+    report = filtered["filter"]
+    assert report["enabled"] is True and report["low"] == low and report["max_attempts"] == 3
+    first = {(r["class_index"], r["index"]): r for r in manifest["images"]}
+    before = _pngs(folder)
+    after = _pngs(tmp_path / "samples")
+    assert sorted(after) == sorted(before)
+    for rec in filtered["images"]:
+        key = (rec["class_index"], rec["index"])
+        assert rec["seed"] == image_seed(5, *key, rec["attempts"] - 1)
+        if first[key]["mean_intensity"] >= low:  # accepted at once: the same tile as without the filter
+            assert rec["attempts"] == 1 and after[rec["file"]] == before[rec["file"]]
+        else:
+            assert rec["attempts"] > 1
+        if rec["passed_filter"]:
+            assert rec["mean_intensity"] >= low
+        else:
+            assert rec["attempts"] == 3
+    assert report["rejected"] == sum(r["attempts"] - 1 for r in filtered["images"]) > 0
+    assert report["rejected_per_class"] == {c: sum(r["attempts"] - 1 for r in filtered["images"] if r["class"] == c)
+                                            for c in CLASSES}
+    assert report["kept_failing"] == sum(not r["passed_filter"] for r in filtered["images"])
+    assert filtered["generations"] == 16 + report["rejected"]
+
+
+def test_ema_and_raw_weights(sample_set, tiny_fad_run, tmp_path):
+    folder, _ = sample_set
+    raw = sample_images(sample_config(tiny_fad_run, tmp_path / "raw", sample__per_class=1, model__weights="raw", **BASE))
+    assert raw["weights"] == {"requested": "raw", "used": "unet", "fallback": False}
+    ema_pngs, raw_pngs = _pngs(folder), _pngs(tmp_path / "raw" / "samples")
+    assert sorted(raw_pngs) == [f"{c}/00000.png" for c in sorted(CLASSES)]
+    assert any(raw_pngs[name] != ema_pngs[name] for name in raw_pngs)  # EMA weights differ from the raw ones
+    # A run without EMA weights: "ema" falls back to the raw UNet, and says so.
+    final = tmp_path / "no-ema" / "final"
+    final.mkdir(parents=True)
+    for item in ("unet", "fad_head.safetensors", "run_card.json"):
+        (final / item).symlink_to(tiny_fad_run / "final" / item)
+    fallback = sample_images(sample_config(final.parent, tmp_path / "fb", sample__per_class=1, **BASE))
+    assert fallback["weights"] == {"requested": "ema", "used": "unet", "fallback": True}
+    assert _pngs(tmp_path / "fb" / "samples") == raw_pngs
+
+
+def test_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "sample.yaml"
+    bad.write_text(yaml.safe_dump({"sample": {"schedular": "ddim"}}))
+    with pytest.raises(FadscaleError, match="did you mean 'sample.scheduler'"):
+        load_config(SampleConfig, bad)
+    with pytest.raises(FadscaleError, match="filter.low"):
+        load_config(SampleConfig, None, ["filter.low=0.9", "filter.high=0.1"])
+    with pytest.raises(FadscaleError, match="no final/run_card.json"):
+        sample_images(sample_config(tmp_path, tmp_path / "out"))
+
+
+def test_latent_space_runs_decode_with_the_vae(tmp_path):
+    """A hand-made latent run: a 4-channel UNet on 16x16 latents and a tiny VAE decoding to 32x32."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from fadscale.models.unet import build_unet
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=32)
+    vae.save_pretrained(tmp_path / "vae")
+    final = tmp_path / "run" / "final"
+    unet = build_unet("cpu-tiny", 4, 16)
+    unet.save_pretrained(final / "unet")
+    save_file({"conditioning.table": torch.randn(3, 1, unet.config.cross_attention_dim)}, str(final / "fad_head.safetensors"))
+    (final / "run_card.json").write_text(json.dumps({
+        "format": "fadscale-fad-run", "step": 1, "method": "vanilla", "classes": ["A", "B"], "space": "latent",
+        "channels": 4, "image_size": 32, "sample_size": 16, "null_index": 2, "vae": str(tmp_path / "vae"),
+        "noise": {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"},
+        "config": {"data": {"channels": 1}}}))
+    manifest = sample_images(sample_config(final.parent, tmp_path / "out", sample__per_class=1, **BASE))
+    assert manifest["weights"]["used"] == "unet" and manifest["image"] == {"size": 32, "channels": 1, "mode": "L"}
+    with Image.open(tmp_path / "out" / "samples" / "B" / "00000.png") as img:
+        assert img.mode == "L" and img.size == (32, 32)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                    reason="two ranks on a GPU machine need two GPUs")
+def test_two_ranks_give_byte_identical_tiles(sample_set, tiny_fad_run, tmp_path):
+    folder, manifest = sample_set
+    config = tmp_path / "sample.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": {"out_dir": str(tmp_path / "two"), "seed": 5},
+        "model": {"path": str(tiny_fad_run)},
+        "sample": {"scheduler": "ddim", "steps": 4, "batch_size": 3, "per_class": 2},
+        "output": {"shards": True},
+    }))
+    proc = run_module("fadscale.sample", "--config", str(config), nproc=2, launcher="accelerate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two" / "samples"
+    assert _pngs(two) == _pngs(folder)
+    other = json.loads((two / "manifest.json").read_text())
+    assert other["world_size"] == 2 and len(other["timing"]["per_rank_s"]) == 2
+    assert other["images"] == manifest["images"]
+    for shard in other["shards"] and json.loads((two / "shards" / "manifest.json").read_text())["splits"]["train"]["shards"]:
+        assert (two / "shards" / shard["name"]).read_bytes() == (folder / "shards" / shard["name"]).read_bytes()
