@@ -208,15 +208,16 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for every artifact and the report."),
     data: Optional[str] = typer.Option(None, help="Your own tiles (folder or zip) instead of the built-in ones."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing demo folder."),
+    quick: bool = typer.Option(False, "--quick", help="The smallest setting: every stage in a minute or two."),
 ) -> None:
     """Run the whole pipeline on built-in tiles with CPU-sized models and write report.html.
 
-    Example: fadscale demo --out demo-out
+    Example: fadscale demo --out demo-out   (or --data ../shared/data/kather16-sample for your own tiles)
     """
     from fadscale.demo import run_demo
 
     try:
-        report = run_demo(out, data=data, overwrite=overwrite)
+        report = run_demo(out, data=data, overwrite=overwrite, quick=quick)
     except FadscaleError as exc:
         _fail(exc)
     typer.echo(f"report: {report}")

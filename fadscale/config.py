@@ -373,6 +373,18 @@ def build_config(model: type[ConfigT], tree: dict, source: str = "config") -> Co
     return result
 
 
+def with_settings(tree: dict, settings: dict[str, Any]) -> dict:
+    """Library callers' overrides as keyword names `section__key=value` (e.g. train__max_steps=10),
+    merged into `tree` (changed in place and returned)."""
+    for name, value in settings.items():
+        section, _, key = name.partition("__")
+        if key:
+            tree.setdefault(section, {})[key] = value
+        else:
+            tree[section] = value
+    return tree
+
+
 def parse_override(text: str, model: type[BaseModel] | None = None) -> tuple[list[str], Any]:
     """`optim.lr=2e-4` -> (["optim", "lr"], 0.0002). Values are parsed as YAML scalars/lists, except for
     a text field of `model` (a path, a Literal of words), which takes the text as given: `--set

@@ -32,7 +32,7 @@ from pydantic import Field
 from torch import nn
 
 from fadscale import __version__
-from fadscale.config import Section, build_config, save_config
+from fadscale.config import Section, build_config, save_config, with_settings
 from fadscale.data.loader import apply_view, eval_loader
 from fadscale.data.shard import load_manifest
 from fadscale.metrics import (accuracy_from_confusion, confusion_matrix, frechet_distance, kernel_distance,
@@ -635,9 +635,7 @@ def evaluate_samples(samples: str | Path, evaluator: str | Path, out_dir: str | 
     tree: dict = {"samples": str(samples), "evaluator": {"card": str(evaluator)}}
     if out_dir is not None:
         tree["run"] = {"out_dir": str(out_dir)}
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        tree.setdefault(section, {})[name] = value
+    with_settings(tree, overrides)
     return evaluate(build_config(EvaluateConfig, tree, "evaluate_samples"), write=out_dir is not None)
 
 

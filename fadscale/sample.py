@@ -40,7 +40,7 @@ from pydantic import Field, model_validator
 from safetensors.torch import load_file
 
 from fadscale import __version__
-from fadscale.config import Section, build_config, save_config
+from fadscale.config import Section, build_config, save_config, with_settings
 from fadscale.runtime.entry import run_entry
 from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_json, git_commit, read_json
 from fadscale.runtime.logging import log_line
@@ -112,10 +112,7 @@ class SampleConfig(Section):
 def sample_config(model_path: str | Path, out_dir: str | Path, **overrides) -> SampleConfig:
     """A SampleConfig from a run folder and an output folder; other settings as section__key=value."""
     tree: dict = {"run": {"out_dir": str(out_dir)}, "model": {"path": str(model_path)}}
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        tree.setdefault(section, {})[name] = value
-    return build_config(SampleConfig, tree, "sample_config")
+    return build_config(SampleConfig, with_settings(tree, overrides), "sample_config")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -222,18 +222,18 @@ def train(cfg: ExpertConfig) -> int:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = Expert(cfg.model.arch, len(classes), cfg.data.channels, cfg.model.input_size, cfg.model.head,
                    cfg.model.drop_rate)
-    if cfg.model.pretrained:
+    resume = latest_checkpoint(out / "checkpoints") if cfg.run.resume == "auto" else None
+    if resume is not None:
+        load_resume_weights(model, resume[1], cfg.data.shards)
+    elif cfg.model.pretrained:
         log_line(load_initial_weights(model, cfg.model.pretrained), world.is_main)
 
     samples = cfg.data.samples_per_epoch or split_count(cfg.data.shards, "train", cfg.data.subset)
     steps_per_epoch = batches_per_epoch(samples, cfg.data.batch_size, world.world_size)
     total_steps = steps_per_epoch * cfg.train.epochs
     state = {"epoch": 0, "batch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": -1, "stale_epochs": 0,
-             "done": False, "world_size": world.world_size}
+             "early_stopped": False, "world_size": world.world_size}
 
-    resume = latest_checkpoint(out / "checkpoints") if cfg.run.resume == "auto" else None
-    if resume is not None:
-        load_resume_weights(model, resume[1], cfg.data.shards)
     if cfg.model.sync_batchnorm and world.distributed:
         if device.type == "cuda":
             from timm.layers import convert_sync_batchnorm  # also converts timm's BatchNormAct layers
@@ -255,6 +255,10 @@ def train(cfg: ExpertConfig) -> int:
         state = {**state, **read_json(folder / "state.json", "checkpoint state")}
         if state.get("world_size") == world.world_size and (folder / f"rng-{world.rank}.pt").is_file():
             rng_state = _load_torch(folder / f"rng-{world.rank}.pt", "cpu", advice)
+        elif state.get("world_size") != world.world_size:
+            log_line(f"note: {folder} was written by {state.get('world_size')} process(es), this run has "
+                     f"{world.world_size}: it continues, but not exactly as the original run would", world.is_main)
+        state["world_size"] = world.world_size
         log_line(f"resumed from {folder} (epoch {state['epoch']}, batch {state['batch']})", world.is_main)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world.distributed else model
@@ -283,14 +287,14 @@ def train(cfg: ExpertConfig) -> int:
         save_checkpoint(out / "checkpoints", state["step"], write, keep_last=cfg.checkpoint.keep_last,
                         is_main=world.is_main)
 
-    if state["done"] or state["epoch"] >= cfg.train.epochs:
+    if state["early_stopped"] or state["epoch"] >= cfg.train.epochs:
         log_line(f"{out}: training already finished (epoch {state['epoch']}); writing the outputs again",
                  world.is_main)
     else:
         log_line(f"expert {cfg.model.arch}: {world.world_size} process(es) on {device.type}, "
                  f"{steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs", world.is_main)
     stopped = False
-    while state["epoch"] < cfg.train.epochs and not state["done"]:
+    while state["epoch"] < cfg.train.epochs and not state["early_stopped"]:
         epoch = state["epoch"]
         # Reseeded per epoch (and rank) so a run resumed at an epoch boundary repeats the same randomness.
         torch.manual_seed(cfg.run.seed * 100003 + epoch * 1009 + world.rank)
@@ -355,8 +359,8 @@ def train(cfg: ExpertConfig) -> int:
             state["stale_epochs"] += 1
         state["epoch"], state["batch"] = epoch + 1, 0
         early = cfg.train.early_stopping is not None and state["stale_epochs"] >= cfg.train.early_stopping
-        state["done"] = early or state["epoch"] >= cfg.train.epochs
-        if (epoch + 1) % cfg.checkpoint.every == 0 or state["done"]:
+        state["early_stopped"] = early
+        if (epoch + 1) % cfg.checkpoint.every == 0 or early or state["epoch"] == cfg.train.epochs:
             checkpoint()
         if early:
             log_line(f"early stopping: no improvement for {state['stale_epochs']} epochs", world.is_main)

@@ -150,7 +150,8 @@ class FadTrainer:
             get_module(unet, cfg.align.layer)  # a typo in the layer is still an error in the baseline
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        if cfg.model.channels_last:
+        self.channels_last = cfg.model.channels_last and self.accelerator.state.deepspeed_plugin is None
+        if self.channels_last:  # DeepSpeed broadcasts parameters as flat bytes: they must stay contiguous
             unet.to(memory_format=torch.channels_last)
         self.model = FadModel(unet, conditioning, projector, cfg.align.layer)
         self.online_expert = None
@@ -218,7 +219,7 @@ class FadTrainer:
         timesteps = torch.randint(0, cfg.noise.num_train_timesteps, (clean.shape[0],), generator=gen).to(device)
         drop = (torch.rand(clean.shape[0], generator=gen) < cfg.train.label_dropout).to(device)
         noisy = self.noise.add_noise(clean, noise, timesteps).to(self.input_dtype)
-        if cfg.model.channels_last:
+        if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         target = noise if cfg.noise.prediction_type == "epsilon" else self.noise.get_velocity(clean, noise, timesteps)
 
@@ -345,13 +346,13 @@ class FadTrainer:
                     self._log_grid(logger, step)
                 if step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
                     self._save()
+                if step >= cfg.train.max_steps:
+                    break  # done: a stop request now needs no checkpoint of its own, final/ follows
                 if any_rank(self.stop.requested(), self.device):
                     log_line(f"stop requested ({self.stop.reason or 'on another rank'}): checkpoint at step {step}, exit",
                              self.is_main)
                     self._save()
                     stopped = True
-                    break
-                if step >= cfg.train.max_steps:
                     break
         progress.close()
         if not stopped:

@@ -47,7 +47,7 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 
 def expert_config(shards: Path, out: Path, **overrides):
-    from fadscale.config import ExpertConfig, build_config
+    from fadscale.config import ExpertConfig, build_config, with_settings
 
     tree = {
         "run": {"out_dir": str(out), "seed": 0},
@@ -57,10 +57,7 @@ def expert_config(shards: Path, out: Path, **overrides):
         "train": {"epochs": 2, "log_every": 1},
         "checkpoint": {"every": 1, "keep_last": 2},
     }
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        tree.setdefault(section, {})[name] = value
-    return build_config(ExpertConfig, tree)
+    return build_config(ExpertConfig, with_settings(tree, overrides))
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +72,7 @@ def tiny_expert(tiny_shards, tmp_path_factory) -> Path:
 
 def fad_config(shards: Path, expert_card: Path, out: Path, cache: Path, **overrides):
     """A CPU-sized FAD config; overrides as section__key=value."""
-    from fadscale.config import FadConfig, build_config
+    from fadscale.config import FadConfig, build_config, with_settings
 
     tree = {
         "run": {"out_dir": str(out), "seed": 0},
@@ -87,10 +84,7 @@ def fad_config(shards: Path, expert_card: Path, out: Path, cache: Path, **overri
         "train": {"max_steps": 6, "mixed_precision": "no", "ema_decay": 0.9, "log_every": 1},
         "checkpoint": {"every": 3, "keep_last": 2},
     }
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        tree.setdefault(section, {})[name] = value
-    return build_config(FadConfig, tree)
+    return build_config(FadConfig, with_settings(tree, overrides))
 
 
 @pytest.fixture(scope="session")

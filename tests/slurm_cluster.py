@@ -11,12 +11,18 @@ here with its state, logs, pid files and socket in a temporary folder, and stopp
   (a requeued job can start again after ~10 s instead of ~2 min), sched_interval=2.
 - The node gets CPUs=max(nproc, 2) (SlurmdParameters=config_overrides), so a two-process job also
   fits on a one-CPU CI machine.
+- Cleanup: `stop()` runs from the caller's `finally`/fixture teardown and again at interpreter exit
+  (atexit; it is idempotent). A session killed outright (SIGKILL, os._exit) cannot clean up, so the
+  folder records its owner's pid (`owner.pid`) and the next `start()` stops the daemons of folders
+  whose owner is gone (`reap_stale`), by their pid files, and only when the process's command line
+  names that folder (a recycled pid is left alone).
 
 Use: `with LocalSlurm() as cluster: ...` or `cluster = LocalSlurm(); cluster.start(); ... cluster.stop()`.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -97,10 +103,66 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _terminate(pid: int, timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL after `timeout` s."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+ROOT_PREFIX = "fadscale-slurm-"
+DAEMON_PID_FILES = ("slurmd.pid", "slurmctld.pid", "munge/munged.pid")  # stop order: newest first
+
+
+def reap_stale(tmp: str | Path | None = None) -> list[Path]:
+    """Stop the daemons of test clusters whose owning process is gone (a test session that was
+    killed before its teardown), then remove their folders. Returns the folders reaped."""
+    reaped = []
+    for root in sorted(Path(tmp or tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*")):
+        owner = _read_pid(root / "owner.pid")
+        if owner is None or _alive(owner):
+            continue  # a folder of a live session, or not ours
+        ctld = _read_pid(root / "slurmctld.pid")
+        if ctld and _alive(ctld) and str(root) in _cmdline(ctld) and _which("scancel"):
+            # Its jobs first: their processes live under slurmstepd, not under the daemons.
+            env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+            try:
+                jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=env,
+                                      timeout=10).stdout.split()
+                if jobs:
+                    subprocess.run(["scancel", *jobs], capture_output=True, env=env, timeout=10)
+                    time.sleep(5)  # KillWait: the steps get SIGTERM, then SIGKILL
+            except (OSError, subprocess.SubprocessError):
+                pass
+        for name in DAEMON_PID_FILES:
+            pid = _read_pid(root / name)
+            if pid and _alive(pid) and str(root) in _cmdline(pid):
+                _terminate(pid)
+        shutil.rmtree(root, ignore_errors=True)
+        reaped.append(root)
+    return reaped
+
+
 class LocalSlurm:
     def __init__(self, root: str | Path | None = None):
         self._own_root = root is None
-        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="fadscale-slurm-"))
+        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix=ROOT_PREFIX))
         self.conf = self.root / "slurm.conf"
         self.host = socket.gethostname().split(".")[0]
         self.cpus = max(os.cpu_count() or 1, 2)
@@ -169,9 +231,13 @@ class LocalSlurm:
         if os.geteuid() != 0:
             raise SlurmUnavailable("the local SLURM test cluster needs root (daemons run as root)")
         ensure_installed()
+        if self._own_root:
+            reap_stale(self.root.parent)
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)  # the munge user must reach its folder inside
+        (self.root / "owner.pid").write_text(f"{os.getpid()}\n")
         self.write_conf()
+        atexit.register(self.stop)
         try:
             self._start_munged()
             self._start("slurmctld", [_which("slurmctld"), "-f", str(self.conf)])
@@ -251,15 +317,10 @@ class LocalSlurm:
                 pass
         for name in reversed(self.started):
             pid = _read_pid(self.pid_files[name])
-            if not pid or not _alive(pid):
-                continue
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+            if pid and _alive(pid):
+                _terminate(pid)
         self.started.clear()
+        atexit.unregister(self.stop)
         if self._env_set:
             if self._env_before is None:
                 os.environ.pop("SLURM_CONF", None)

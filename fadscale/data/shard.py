@@ -70,7 +70,7 @@ def val_count(n: int, val_fraction: float) -> int:
 
 
 def split_items(items, class_folders, val_fraction: float, seed: int) -> dict[str, list[tuple[str, SourceItem]]]:
-    """Stratified split: {"train": [(key, item), ...], "val": [...]}, each sorted by key.
+    """Stratified split: {"train": [(key, item), ...], "val": [...]}, each in a fixed mixed order.
 
     Per class the items are permuted by sha256(seed, relative path): a seeded permutation that
     depends on no random-number library, so the split stays the same across Python and NumPy
@@ -85,8 +85,11 @@ def split_items(items, class_folders, val_fraction: float, seed: int) -> dict[st
         for position, item in enumerate(members):
             split = "val" if position < n_val else "train"
             plan[split].append((tile_key(index[folder], item.relative_path), item))
+    # Keys start with the class index, so key order would write whole shards of one class and a
+    # streaming shuffle buffer could not mix them; order by a seeded hash of the key instead (still
+    # deterministic: the same source and seed give the same shards).
     for pairs in plan.values():
-        pairs.sort(key=lambda pair: pair[0])
+        pairs.sort(key=lambda pair: hashlib.sha256(f"order:{seed}:{pair[0]}".encode("utf-8")).digest())
     return plan
 
 

@@ -35,15 +35,19 @@ class World:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07'."""
-    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if head is None:
+    """The first host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07', 'rack[1-2]-n[01-04]' -> 'rack1-n01'."""
+    text = nodelist.strip()
+    host, depth = [], 0
+    for char in text:  # the first host ends at the first comma outside brackets
+        if char == "," and depth == 0:
+            break
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        host.append(char)
+    host = "".join(host)
+    if not host or depth != 0:
         raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, _, ranges = head.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    # Each bracket group stands for a range of names: the first host takes the first of each.
+    return re.sub(r"\[([^\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], host)
 
 
 def detect_world(env: Mapping[str, str] | None = None) -> World:
@@ -102,8 +106,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+def any_rank(flag: bool, device: torch.device | str | None = None) -> bool:
     """True on every rank when `flag` is true on any rank (for stop requests and errors)."""
+    if device is None:  # NCCL reduces only CUDA tensors
+        nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     return bool(all_reduce_sum(value).item() > 0)
 

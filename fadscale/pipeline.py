@@ -1,0 +1,248 @@
+"""The whole pipeline in one process: shard -> alignment expert (split A) and evaluator (split B) ->
+feature cache -> vanilla and FAD training -> sampling -> evaluation.
+
+Each stage is the library function its own command runs (`shard_dataset`, `train_expert.train`,
+`build_cache`, `FadTrainer`, `sample_images`, `evaluate`), configured from `configs/tiny/` with the
+paths pointed into one output folder. `fadscale demo` and `tools/bench_quality.py` are built on it.
+
+Two layers: `run_pipeline(plan)` runs everything once. The bench reuses the parts: `prepare(plan)` runs
+the shared stages (shard, both experts, the feature cache(s)) once, then `run_arm(plan, prepared, arm,
+seed=...)` trains, samples and evaluates one arm with one seed; `sample_run` and `evaluate_run` sample
+and score an already trained run again (another sampler, say).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fadscale.config import ExpertConfig, FadConfig, load_config
+from fadscale.runtime.io import FadscaleError
+from fadscale.runtime.logging import log_line
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+
+
+def tiny_config(model, name: str, overrides: list[str]):
+    path = CONFIGS / name
+    if not path.is_file():
+        raise FadscaleError(f"{path}: the tiny configs ship with the source tree; install fadscale with "
+                            f"`pip install -e .` from a clone")
+    return load_config(model, path, overrides)
+
+
+@dataclass
+class Plan:
+    """What one pipeline run does; every path lives under `out`."""
+
+    out: Path
+    source: str = "procedural:per_class=64,size=32,seed=0"
+    image_size: int = 32
+    seed: int = 0
+    arms: dict[str, list[str]] = field(default_factory=lambda: {
+        "vanilla": ["align.enabled=false"], "fad": ["align.enabled=true"]})
+    expert_overrides: list[str] = field(default_factory=list)
+    fad_overrides: list[str] = field(default_factory=list)
+    per_class: int = 16
+    sample_overrides: dict = field(default_factory=dict)
+    eval_overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """What `prepare` built, shared by every arm and seed: the shards, both experts and the caches
+    (one folder per distinct cache fingerprint the arms need: pooled-only, and with spatial maps)."""
+
+    out: Path
+    shards: Path
+    alignment_expert: Path
+    evaluator: Path
+    caches: dict[bool, Path] = field(default_factory=dict)  # spatial? -> cache folder
+
+
+class StageClock:
+    """One progress line per stage, with the elapsed time and an ETA from the expected stage costs."""
+
+    def __init__(self, expected: dict[str, float]):
+        self.expected = expected
+        self.timings: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def run(self, name: str, fn: Callable):
+        done = sum(self.expected.get(k, 0) for k in self.timings)
+        total = sum(self.expected.values())
+        elapsed = time.perf_counter() - self.started
+        # Scale the remaining expected cost by how fast the finished stages went compared with expectation
+        # (damped, so one quick first stage does not promise a quick run).
+        damping = 0.2 * total
+        speed = (elapsed + damping) / (done + damping)
+        eta = max(0.0, total - done) * speed
+        log_line(f"[{len(self.timings) + 1}/{len(self.expected)}] {name} "
+                 f"(elapsed {elapsed:.0f} s, ETA ~{eta:.0f} s)")
+        start = time.perf_counter()
+        result = fn()
+        self.timings[name] = time.perf_counter() - start
+        return result
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+def _cache_dir(out: Path, spatial: bool) -> Path:
+    return out / ("cache-spatial" if spatial else "cache")
+
+
+def arm_config(plan: Plan, arm: str, extra: list[str] | None = None, *, seed: int | None = None,
+               tag: str | None = None, alignment: Path | None = None) -> FadConfig:
+    """The FadConfig of one arm: configs/tiny/fad.yaml, the plan's overrides, then the arm's own; its
+    run folder `out/<tag>` (tag defaults to the arm's name) and the cache folder its fingerprint needs
+    (`out/cache`, or `out/cache-spatial` when it aligns to spatial maps)."""
+    from fadscale.cache_features import needs_spatial
+
+    out = plan.out
+    extra = plan.arms.get(arm, []) if extra is None else extra
+    alignment = alignment if alignment is not None else out / "expert-A" / "expert.json"
+    base = [f"run.out_dir={out / (tag or arm)}", f"data.shards={out / 'shards'}", f"expert={alignment}",
+            f"data.image_size={plan.image_size}", f"run.seed={plan.seed if seed is None else seed}",
+            *plan.fad_overrides, *extra]
+    cfg = tiny_config(FadConfig, "fad.yaml", base)
+    # The cache folder follows from the settings (an explicit cache.dir among the overrides wins).
+    if not any(o.startswith("cache.dir=") for o in [*plan.fad_overrides, *extra]):
+        cfg = tiny_config(FadConfig, "fad.yaml",
+                          [base[0], base[1], base[2], f"cache.dir={_cache_dir(out, needs_spatial(cfg))}", *base[3:]])
+    return cfg
+
+
+def _uses_cache(cfg: FadConfig) -> bool:
+    return (cfg.align.enabled and cfg.align.target == "cached") or cfg.model.space == "latent" \
+        or cfg.conditioning.text_encoder is not None
+
+
+def cache_configs(plan: Plan, arms: dict[str, list[str]] | None = None) -> dict[Path, FadConfig]:
+    """One config per distinct cache folder the arms read (in first-use order)."""
+    from fadscale.cache_features import needs_spatial
+
+    wanted: dict[Path, FadConfig] = {}
+    for arm, extra in (plan.arms if arms is None else arms).items():
+        cfg = arm_config(plan, arm, extra)
+        if _uses_cache(cfg):
+            wanted.setdefault(Path(cfg.cache.dir), cfg)
+    if not wanted:  # no arm reads a cache: build the pooled one anyway (cheap, and the demo expects it)
+        cfg = arm_config(plan, "fad", ["align.enabled=true"])
+        wanted[Path(cfg.cache.dir)] = cfg
+    return {path: cfg for path, cfg in sorted(wanted.items(), key=lambda kv: needs_spatial(kv[1]))}
+
+
+def _cache_stage(path: Path) -> str:
+    return "feature cache (spatial)" if path.name == "cache-spatial" else "feature cache"
+
+
+def prepare_stage_names(plan: Plan, arms: dict[str, list[str]] | None = None) -> list[str]:
+    return ["shard", "expert A (alignment)", "expert B (evaluator)",
+            *(_cache_stage(p) for p in cache_configs(plan, arms))]
+
+
+def arm_stage_names(tag: str) -> list[str]:
+    return [f"train {tag}", f"sample {tag}", f"evaluate {tag}"]
+
+
+def stage_names(plan: Plan) -> list[str]:
+    names = prepare_stage_names(plan)
+    for arm in plan.arms:
+        names += arm_stage_names(arm)
+    return names
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def prepare(plan: Plan, clock: StageClock | None = None, arms: dict[str, list[str]] | None = None) -> Prepared:
+    """The stages every arm and seed share: shard, alignment expert (A), evaluator (B), and the feature
+    cache(s) the arms (`arms`, default the plan's) read."""
+    from fadscale.cache_features import build_cache, needs_spatial
+    from fadscale.data.shard import shard_dataset
+    from fadscale.train_expert import train as train_expert
+
+    out = plan.out
+    out.mkdir(parents=True, exist_ok=True)
+    clock = clock or StageClock({name: 1.0 for name in prepare_stage_names(plan, arms)})
+    shards = out / "shards"
+    clock.run("shard", lambda: shard_dataset(plan.source, shards, grayscale=True, val_fraction=0.2,
+                                             seed=plan.seed, progress=False, overwrite=True))
+
+    def expert(subset: str) -> Path:
+        cfg = tiny_config(ExpertConfig, "expert.yaml", [
+            f"run.out_dir={out / f'expert-{subset}'}", f"data.shards={shards}", f"data.subset={subset}",
+            f"data.image_size={plan.image_size}", f"model.input_size={plan.image_size}",
+            f"run.seed={plan.seed}", *plan.expert_overrides])
+        train_expert(cfg)
+        return Path(cfg.run.out_dir) / "expert.json"
+
+    alignment = clock.run("expert A (alignment)", lambda: expert("A"))
+    evaluator = clock.run("expert B (evaluator)", lambda: expert("B"))
+    caches = {}
+    for path, cfg in cache_configs(plan, arms).items():
+        clock.run(_cache_stage(path), lambda: build_cache(cfg))
+        caches[needs_spatial(cfg)] = path
+    return Prepared(out, shards, alignment, evaluator, caches)
+
+
+def train_run(plan: Plan, prepared: Prepared, arm: str, extra: list[str] | None = None, *,
+              seed: int | None = None, tag: str | None = None) -> Path:
+    """Train one arm; returns its run folder."""
+    from fadscale.train_fad import FadTrainer
+
+    cfg = arm_config(plan, arm, extra, seed=seed, tag=tag, alignment=prepared.alignment_expert)
+    FadTrainer(cfg).train()
+    return Path(cfg.run.out_dir)
+
+
+def sample_run(plan: Plan, run_dir: Path, samples_dir: Path, *, seed: int | None = None, **overrides) -> dict:
+    """Sample a trained run into `samples_dir` (the plan's sampler settings, then `overrides`); returns
+    the sample manifest."""
+    from fadscale.sample import sample_config, sample_images
+
+    settings = {"run__seed": plan.seed if seed is None else seed, "run__overwrite": True,
+                "sample__per_class": plan.per_class, **plan.sample_overrides, **overrides}
+    return sample_images(sample_config(run_dir, samples_dir, **settings))
+
+
+def evaluate_run(plan: Plan, prepared: Prepared, samples_dir: Path, eval_dir: Path, *, seed: int | None = None,
+                 **overrides) -> dict:
+    """Score a sample set with the split-B evaluator; returns the report."""
+    from fadscale.evaluate import evaluate_samples
+
+    settings = {"run__overwrite": True, "run__seed": plan.seed if seed is None else seed,
+                **plan.eval_overrides, **overrides}
+    return evaluate_samples(samples_dir, prepared.evaluator, eval_dir, **settings)
+
+
+def run_arm(plan: Plan, prepared: Prepared, arm: str, extra: list[str] | None = None, *, seed: int | None = None,
+            tag: str | None = None, clock: StageClock | None = None) -> dict:
+    """Train, sample and evaluate one arm with one seed (training, sampling and evaluation all use it).
+    Folders: `out/<tag>`, `out/samples-<tag>`, `out/eval-<tag>`; tag defaults to the arm's name.
+    Returns {"run", "samples", "manifest", "report", "timings"}."""
+    tag = tag or arm
+    out = plan.out
+    clock = clock or StageClock({name: 1.0 for name in arm_stage_names(tag)})
+    before = dict(clock.timings)
+    run_dir = clock.run(f"train {tag}", lambda: train_run(plan, prepared, arm, extra, seed=seed, tag=tag))
+    sampled = out / f"samples-{tag}"
+    manifest = clock.run(f"sample {tag}", lambda: sample_run(plan, run_dir, sampled, seed=seed))
+    report = clock.run(f"evaluate {tag}", lambda: evaluate_run(plan, prepared, sampled, out / f"eval-{tag}",
+                                                                 seed=seed))
+    timings = {k: v for k, v in clock.timings.items() if k not in before}
+    return {"run": run_dir, "samples": sampled, "manifest": manifest, "report": report, "timings": timings}
+
+
+def run_pipeline(plan: Plan, expected: dict[str, float] | None = None) -> dict:
+    """Run every stage; returns paths, per-arm reports and timings."""
+    clock = StageClock(expected or {name: 1.0 for name in stage_names(plan)})
+    prepared = prepare(plan, clock)
+    reports = {}
+    for arm, extra in plan.arms.items():
+        reports[arm] = run_arm(plan, prepared, arm, extra, clock=clock)["report"]
+    return {"out": plan.out, "shards": prepared.shards, "alignment_expert": prepared.alignment_expert,
+            "evaluator": prepared.evaluator, "reports": reports, "timings": clock.timings}

@@ -1,0 +1,338 @@
+"""Benchmark the feature cache: what building it costs, what it stores, and what it removes from each step.
+
+    python tools/bench_cache.py                  # ResNet50 @224 build, tiny-sd step, batch 4 and 8 (~10 min, 2 CPU cores)
+    python tools/bench_cache.py --quick          # resnet18 @64 build, cpu-small step, batch 4 (~2 min)
+    python tools/bench_cache.py --skip-build     # only the per-step part (or --skip-step: only the build)
+
+1. Build: procedural grayscale tiles are sharded (all into the train split), a random-weight expert card
+   is saved (`--expert`, `--input-size`), and `build_cache` runs on them pooled-only and with spatial maps.
+   tiles/s is tiles_built / build_seconds from the cache manifest (the encode loop: decode, 8 views,
+   expert forward, fp16 .npy, tar write; model load excluded; the wall time with load is reported too);
+   bytes/tile is the manifest's bytes_per_tile (tile PNG + cached arrays + tar framing). Median of
+   `--repeats` builds.
+2. Per-step cost the cache removes: median forward time of the expert on `batch` noisy 64x64 tiles resized
+   to its 224 input (`features`, what the seed projector aligns to) for ResNet50 and ViT-L/16 (timm,
+   in_chans 1, random weights), of the CLIP ViT-L/14 text tower (random weights, `batch` prompts x 77
+   tokens, which the seed encodes every step), and of one FAD training step with the cache (the UNet +
+   alignment projector against a cached target, forward + backward + AdamW, bf16 autocast: the `fad` arm
+   of tools/bench_step.py). The expert and text forwards run in fp32 by default, as the trainer's online
+   expert does (outside autocast); `--forward-precision bf16` runs them in bf16 autocast. The arms are
+   interleaved rep by rep, so a load change on a shared machine hits all of them alike.
+   Ratios per expert and batch: (expert + text) / step, the extra time per step without the cache;
+   removed = (expert + text) / (expert + text + step), the share of an uncached step the cache removes.
+
+A readable table, then one JSON object on the last line with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # build_cache's progress bar
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_step  # noqa: E402  (the FAD step measured here is bench_step's `fad` arm)
+
+NORMALIZATION = {"mean": [0.5], "std": [0.5]}
+TEXT_TOKENS = 77
+
+
+# ------------------------------------------------------------------------------------------ build
+
+
+def random_expert(out: Path, arch: str, input_size: int, classes: list[str]) -> dict:
+    """Save an expert card with random weights (the timing and the storage do not depend on them)."""
+    from fadscale import __version__
+    from fadscale.models.expert import Expert, save_expert
+
+    torch.manual_seed(0)
+    model = Expert(arch, len(classes), 1, input_size, head="linear")
+    card = {"arch": arch, "head": "linear", "classes": classes, "in_chans": 1, "input_size": input_size,
+            "normalization": NORMALIZATION, "feature_dim": model.feature_dim,
+            "spatial_feature_dim": model.spatial_dim, "val_accuracy": None, "note": "random weights (bench_cache)",
+            "fadscale_version": __version__}
+    return save_expert(out, model, card)
+
+
+def cache_config(shards: Path, card: Path, cache: Path, spatial: bool, batch_size: int, size: int):
+    from fadscale.config import FadConfig, build_config
+
+    return build_config(FadConfig, {
+        "run": {"out_dir": str(cache.parent / "run"), "seed": 0},
+        "data": {"shards": str(shards), "image_size": size, "channels": 1, "batch_size": 4},
+        "expert": str(card),
+        "cache": {"dir": str(cache), "batch_size": batch_size, "spatial": spatial},
+        "model": {"preset": "cpu-tiny"},
+    })
+
+
+def array_bytes(arrays: dict) -> dict:
+    """Raw bytes of each cached array per tile (fp16, without the .npy header)."""
+    out = {}
+    for key, info in arrays.items():
+        count = 1
+        for dim in info["shape"]:
+            count *= dim
+        out[key] = count * (2 if info["dtype"] == "float16" else 4)
+    return out
+
+
+def bench_build(args, root: Path) -> dict:
+    from fadscale.cache_features import build_cache
+    from fadscale.data.shard import shard_dataset
+
+    shards = root / "shards"
+    source = shard_dataset(f"procedural:per_class={args.tiles},size={args.size},seed=0", shards, val_fraction=0.0,
+                           grayscale=True, progress=False)
+    train = source["splits"]["train"]
+    png_per_tile = sum(s["bytes"] for s in train["shards"]) / train["count"]
+    classes = [c["name"] for c in source["classes"]]
+    card = random_expert(root / "expert", args.expert, args.input_size, classes)
+    result = {"expert": args.expert, "input_size": args.input_size, "feature_dim": card["feature_dim"],
+              "spatial_feature_dim": card["spatial_feature_dim"], "tile_size": args.size, "tiles": train["count"],
+              "cache_batch_tiles": args.cache_batch, "repeats": args.repeats,
+              "source_bytes_per_tile": png_per_tile, "modes": {}}
+    for mode in args.modes:
+        runs = []
+        for repeat in range(args.repeats):
+            cache = root / f"cache-{mode}-{repeat}"
+            cfg = cache_config(shards, root / "expert" / "expert.json", cache, mode == "spatial", args.cache_batch,
+                               args.size)
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):
+                manifest = build_cache(cfg, overwrite=True)
+            wall = time.perf_counter() - start
+            meta = manifest["cache"]
+            runs.append({"tiles_built": meta["tiles_built"], "build_seconds": meta["build_seconds"], "wall_seconds": wall,
+                         "bytes_per_tile": meta["bytes_per_tile"], "arrays": meta["arrays"]})
+            shutil.rmtree(cache, ignore_errors=True)  # spatial caches are large
+            print(f"  build {mode:7s} repeat {repeat + 1}/{args.repeats}: {meta['tiles_built']} tiles in "
+                  f"{meta['build_seconds']:.1f} s (wall {wall:.1f} s)", file=sys.stderr, flush=True)
+        tiles_per_s = statistics.median(r["tiles_built"] / r["build_seconds"] for r in runs)
+        bytes_per_tile = statistics.median(r["bytes_per_tile"] for r in runs)
+        result["modes"][mode] = {
+            "tiles_per_s": tiles_per_s,
+            "expert_images_per_s": tiles_per_s * 8,  # 8 views per tile
+            "build_seconds": statistics.median(r["build_seconds"] for r in runs),
+            "wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
+            "bytes_per_tile": bytes_per_tile,
+            "array_bytes_per_tile": array_bytes(runs[0]["arrays"]),
+            "arrays": runs[0]["arrays"],
+            "gib_per_100k_tiles": bytes_per_tile * 1e5 / 2**30,
+            "runs": [{k: v for k, v in r.items() if k != "arrays"} for r in runs],
+        }
+    return result
+
+
+# ------------------------------------------------------------------------------------------- step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bench_step_cost(args) -> dict:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fadscale.models.expert import Expert, expert_input
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = {"input_size": 224, "in_chans": 1, "normalization": NORMALIZATION}
+    forward_autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.forward_precision == "bf16")
+    build_seconds = {}
+
+    experts = {}
+    for arch in args.experts:
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        experts[arch] = Expert(arch, 8, 1, 224).to(device).eval().requires_grad_(False)
+        build_seconds[f"expert:{arch}"] = time.perf_counter() - start
+    start = time.perf_counter()
+    # CLIP ViT-L/14's text tower (SD 1.5's), random weights, as in tools/bench_step.py.
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, projection_dim=768)).to(device).eval()
+    build_seconds["text"] = time.perf_counter() - start
+    start = time.perf_counter()
+    model, optimizer, extras = bench_step.build_arm("fad", args.unet_preset, args.step_size, args.batches[0], False, device)
+    build_seconds["step"] = time.perf_counter() - start
+
+    def arms(batch: int) -> dict:
+        gen = torch.Generator().manual_seed(batch)
+        noisy = torch.randn(batch, 1, args.step_size, args.step_size, generator=gen).to(device)
+        ids = torch.randint(0, 49408, (batch, TEXT_TOKENS), generator=gen).to(device)
+
+        def expert_forward(arch):
+            def run():
+                with torch.no_grad(), forward_autocast:
+                    experts[arch].features(expert_input(noisy, card))
+            return run
+
+        def text_forward():
+            with torch.no_grad(), forward_autocast:
+                text(input_ids=ids)
+
+        def step():
+            bench_step.one_step("fad", model, optimizer, extras, batch, args.step_size, args.step_precision, device)
+
+        return {**{f"expert:{arch}": expert_forward(arch) for arch in args.experts}, "text": text_forward, "step": step}
+
+    times: dict[int, dict[str, list[float]]] = {}
+    for index, batch in enumerate(args.batches):
+        fns = arms(batch)
+        # Untimed warm-up: the step's first call creates AdamW's state; forwards warm their kernels.
+        for name, fn in fns.items():
+            if index == 0 or args.warmup_each_batch:
+                fn()
+        times[batch] = {name: [] for name in fns}
+        for rep in range(args.reps):
+            for name, fn in fns.items():  # interleaved: a load change hits every arm alike
+                times[batch][name].append(timed(fn, device))
+            print(f"  step cost batch {batch} rep {rep + 1}/{args.reps}: "
+                  + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times[batch].items()), file=sys.stderr, flush=True)
+
+    results = {}
+    for batch, arm_times in times.items():
+        medians = {name: statistics.median(values) for name, values in arm_times.items()}
+        ratios = {}
+        for arch in args.experts:
+            removed = medians[f"expert:{arch}"] + medians["text"]
+            paired = [(e + t) / s for e, t, s in zip(arm_times[f"expert:{arch}"], arm_times["text"], arm_times["step"])]
+            ratios[arch] = {
+                "expert_plus_text_s": removed,
+                "over_step": removed / medians["step"],
+                "over_step_paired_median": statistics.median(paired),
+                "removed_share_of_uncached_step": removed / (removed + medians["step"]),
+                "uncached_over_cached_step": (removed + medians["step"]) / medians["step"],
+            }
+        results[batch] = {"median_s": medians, "times_s": arm_times, "ratios": ratios}
+    return {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+            "unet_preset": args.unet_preset, "step_size": args.step_size, "step_precision": args.step_precision,
+            "forward_precision": args.forward_precision, "experts": args.experts, "reps": args.reps,
+            "text_tokens": TEXT_TOKENS, "build_seconds": build_seconds,
+            "batches": {str(b): r for b, r in results.items()}}
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def print_build(build: dict) -> None:
+    print(f"build: expert {build['expert']} @{build['input_size']} (random weights, feature {build['feature_dim']}, "
+          f"map {build['spatial_feature_dim']} ch), {build['tiles']} tiles x 8 views, {build['tile_size']}px grayscale, "
+          f"{build['cache_batch_tiles']} tiles per forward, median of {build['repeats']}")
+    print(f"  {'mode':8s} {'tiles/s':>8s} {'views/s':>8s} {'encode s':>9s} {'wall s':>7s} {'bytes/tile':>11s} "
+          f"{'arrays B/tile':>14s} {'GiB/100k tiles':>15s}")
+    for mode, m in build["modes"].items():
+        print(f"  {mode:8s} {m['tiles_per_s']:8.2f} {m['expert_images_per_s']:8.1f} {m['build_seconds']:9.1f} "
+              f"{m['wall_seconds']:7.1f} {m['bytes_per_tile']:11.0f} {sum(m['array_bytes_per_tile'].values()):14d} "
+              f"{m['gib_per_100k_tiles']:15.3f}")
+    for mode, m in build["modes"].items():
+        shapes = ", ".join(f"{k} {v['shape']} {v['dtype']}" for k, v in m["arrays"].items())
+        print(f"  {mode:8s} arrays: {shapes}; tile PNG {build['source_bytes_per_tile']:.0f} B/tile in the source shards")
+
+
+def print_step(step: dict) -> None:
+    print(f"per-step cost removed ({step['device']}; expert + text {step['forward_precision']}, "
+          f"step = {step['unet_preset']} UNet + projector {step['step_precision']} fwd+bwd+AdamW at "
+          f"{step['step_size']}px; median of {step['reps']} interleaved reps)")
+    print(f"  {'batch':>5s} {'arm':32s} {'median s':>9s}")
+    for batch, r in step["batches"].items():
+        for name, value in r["median_s"].items():
+            label = {"text": "text CLIP-L/14 (77 tok)", "step": f"FAD step ({step['unet_preset']}, cached)"}.get(
+                name, name.replace("expert:", "expert ") + " @224")
+            print(f"  {batch:>5s} {label:32s} {value:9.3f}")
+    print(f"  {'batch':>5s} {'expert':24s} {'(exp+text)/step':>16s} {'paired':>7s} {'removed share':>14s} "
+          f"{'uncached/cached':>16s}")
+    for batch, r in step["batches"].items():
+        for arch, q in r["ratios"].items():
+            print(f"  {batch:>5s} {arch:24s} {q['over_step']:16.2f} {q['over_step_paired_median']:7.2f} "
+                  f"{q['removed_share_of_uncached_step']:13.1%} {q['uncached_over_cached_step']:16.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small expert, cpu-small UNet, fewer tiles, batch 4")
+    parser.add_argument("--tiles", type=int, help="tiles per class (8 classes); default 4, quick 8")
+    parser.add_argument("--size", type=int, default=64, help="tile size of the shards (px)")
+    parser.add_argument("--expert", help="timm arch of the build's expert; default resnet50, quick resnet18")
+    parser.add_argument("--input-size", type=int, help="the build expert's input size; default 224, quick 64")
+    parser.add_argument("--cache-batch", type=int, default=8, help="tiles per expert forward (x8 views)")
+    parser.add_argument("--repeats", type=int, help="builds per mode (median); default 1, quick 3")
+    parser.add_argument("--modes", nargs="+", default=["pooled", "spatial"], choices=["pooled", "spatial"])
+    parser.add_argument("--experts", nargs="+", default=["resnet50", "vit_large_patch16_224"],
+                        help="timm archs timed per step (at 224, in_chans 1)")
+    parser.add_argument("--unet-preset", help="default tiny-sd, quick cpu-small")
+    parser.add_argument("--step-size", type=int, default=64, help="tile size of the training step (px)")
+    parser.add_argument("--batches", type=int, nargs="+", help="default 4 8, quick 4")
+    parser.add_argument("--reps", type=int, default=3, help="timed reps per arm and batch (median)")
+    parser.add_argument("--warmup-each-batch", action="store_true",
+                        help="an untimed call per arm at every batch (default: at the first batch only)")
+    parser.add_argument("--forward-precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--step-precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--skip-build", action="store_true")
+    parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--keep", help="build in this folder and keep it (default: a temporary folder)")
+    args = parser.parse_args()
+    q = args.quick
+    args.tiles = args.tiles or (8 if q else 4)
+    args.expert = args.expert or ("resnet18" if q else "resnet50")
+    args.input_size = args.input_size or (64 if q else 224)
+    args.repeats = args.repeats or (3 if q else 1)
+    args.unet_preset = args.unet_preset or ("cpu-small" if q else "tiny-sd")
+    args.batches = args.batches or ([4] if q else [4, 8])
+
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    summary = {"bench": "cache", "quick": q, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    build = step = None
+    if not args.skip_build:
+        if args.keep:
+            root = Path(args.keep)
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(root / "shards", ignore_errors=True)
+            build = bench_build(args, root)
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench_cache_") as tmp:
+                build = bench_build(args, Path(tmp))
+    if not args.skip_step:
+        step = bench_step_cost(args)
+
+    print()
+    if build:
+        print_build(build)
+        summary["build"] = build
+    if step:
+        if build:
+            print()
+        print_step(step)
+        summary["step"] = step
+    summary["load_average_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
+    summary["total_seconds"] = time.perf_counter() - started
+    print(f"\ntotal {summary['total_seconds']:.0f} s; 1-min load average {load_start:.1f} at start, "
+          f"{summary['load_average_1min']['end']:.1f} at end ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads)")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
