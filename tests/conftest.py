@@ -35,6 +35,18 @@ def run_module(module: str, *args: str, nproc: int = 1, launcher: str = "torchru
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny models: on a small shared CPU, two threads make them
+    several times slower (OpenMP threads spin while waiting for a core)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """Procedural grayscale tiles: 8 classes x 24, 32x32, 2 train shards."""

@@ -128,14 +128,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # gloo can abort at interpreter exit after all work is done (see docs/facts.md).
-    if dist.is_initialized():
-        try:
-            dist.barrier()
-            dist.destroy_process_group()
-        except Exception:
-            pass
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from fadscale.runtime.distributed import shutdown
+
+    shutdown(main())  # barrier, destroy the group, os._exit: the gloo teardown fix (facts.md)

@@ -123,14 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # gloo can abort at interpreter exit after all work is done: leave the group and skip teardown.
-    if dist.is_initialized():
-        try:
-            dist.barrier()
-            dist.destroy_process_group()
-        except Exception:
-            pass
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from fadscale.runtime.distributed import shutdown
+
+    shutdown(main())  # barrier, destroy the group, os._exit: the gloo teardown fix (facts.md)

@@ -11,13 +11,7 @@ from fadscale.metrics import (accuracy_from_confusion, confusion_matrix, frechet
                               gaussian_stats, kernel_distance, precision_recall, random_pairs, ssim_diversity)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a small shared CPU, two threads make these small computations much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _features(n=400, d=8, shift=0.0, scale=1.0, seed=0):

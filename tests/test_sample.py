@@ -23,13 +23,7 @@ CLASSES = ["TUMOR", "STROMA", "COMPLEX", "LYMPHO", "DEBRIS", "MUCOSA", "ADIPOSE"
 BASE = dict(sample__scheduler="ddim", sample__steps=4, sample__batch_size=3, run__seed=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a small shared CPU, two threads make these tiny models several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def sample_set(tiny_fad_run, tmp_path_factory) -> tuple[Path, dict]:
