@@ -98,3 +98,42 @@ def test_cache_of_other_shards_is_stale(tiny_shards, tiny_expert, tmp_path):
     moved = fad_config(other, tiny_expert, tmp_path / "run", tmp_path / "cache")
     with pytest.raises(FadscaleError, match="stale feature cache.*source_manifest_sha256"):
         check_cache(moved, json.loads(tiny_expert.read_text()))
+
+
+def _tiny_clip(folder) -> str:
+    """A 1-layer CLIP text encoder (width 32, the cpu-tiny UNet's cross-attention width) and a
+    character-level tokenizer, written as a local folder like a real CLIP download."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir()
+    chars = sorted({chr(c) for c in range(33, 127)})
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16).save_pretrained(folder)
+    torch.manual_seed(0)
+    end = vocab["<|endoftext|>"]
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=16, eos_token_id=end,
+                                 bos_token_id=vocab["<|startoftext|>"], pad_token_id=end)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_text_conditioning_is_computed_once_and_frozen(tiny_shards, tiny_expert, tmp_path):
+    from fadscale.conditioning import CONDITIONING_FILE, class_prompts, encode_prompts, load_table
+    from fadscale.train_fad import FadTrainer
+
+    encoder = _tiny_clip(tmp_path / "clip")
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache",
+                     conditioning__text_encoder=encoder, train__max_steps=2)
+    manifest = build_cache(cfg)
+    classes = json.loads(tiny_expert.read_text())["classes"]
+    assert manifest["cache"]["conditioning"]["prompts"][0] == "a histological image of tumor tissue"
+    table = load_table(tmp_path / "cache" / CONDITIONING_FILE)
+    assert table.shape == (len(classes) + 1, 1, 32)  # one token per class, then the null (empty prompt)
+    torch.testing.assert_close(table, encode_prompts(encoder, class_prompts(classes, cfg.conditioning.prompt)))
+    trainer = FadTrainer(cfg)
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert "table" not in dict(model.conditioning.named_parameters())  # a frozen buffer, not trained
+    torch.testing.assert_close(model.conditioning.table, table)

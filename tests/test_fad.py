@@ -198,3 +198,21 @@ def test_configs_parse_and_name_the_reference_layer():
         assert cfg.align.enabled == ("vanilla" not in name)
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/fad.yaml").read_text())
     assert raw["model"]["preset"] == "tiny-sd"
+
+
+def test_latent_space_trains_on_cached_vae_latents(tiny_shards, tiny_expert, tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=32)
+    vae.save_pretrained(tmp_path / "vae")
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", model__space="latent",
+                     model__vae=str(tmp_path / "vae"), train__max_steps=3)
+    FadTrainer(cfg).train()
+    card = json.loads((tmp_path / "run/final/run_card.json").read_text())
+    assert (card["space"], card["channels"], card["sample_size"]) == ("latent", 4, 16)
+    cache = json.loads((tmp_path / "cache/manifest.json").read_text())["cache"]
+    assert cache["arrays"]["latent.npy"]["shape"] == [8, 8, 16, 16]  # 8 views x (mean, logvar) x 16 x 16
+    assert all(torch.isfinite(torch.tensor(r["loss/noise"])) for r in read_metrics(tmp_path / "run"))
