@@ -207,8 +207,8 @@ A demo-sized run is a smoke test of the pipeline, not evidence for or against FA
 def run_demo(out: str | Path, data: str | None = None, overwrite: bool = False, quick: bool = False) -> Path:
     """Run the pipeline into `out` and write the report; returns the path of report.html.
 
-    `quick`: the smallest setting (a smoke test of every stage in about a minute or two): fewer tiles,
-    2 expert epochs, 10 training steps, 4 samples per class, no utility classifiers."""
+    `quick`: the smallest setting (a smoke test of every stage in about a minute): 96 tiles, 1 expert
+    epoch, the cpu-tiny UNet for 6 steps, 3 samples per class, no utility classifiers."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -219,11 +219,12 @@ def run_demo(out: str | Path, data: str | None = None, overwrite: bool = False, 
     plan = Plan(out=out, source=str(Path(data).resolve()) if data else Plan.source)
     if quick:
         if not data:
-            plan.source = "procedural:per_class=16,size=32,seed=0"
-        plan.expert_overrides = ["train.epochs=2"]
-        plan.fad_overrides = ["train.max_steps=10", "checkpoint.every=10"]
-        plan.per_class = 4
-        plan.sample_overrides = {"sample__steps": 10}
+            plan.source = "procedural:per_class=12,size=32,seed=0"
+        plan.expert_overrides = ["train.epochs=1"]
+        plan.fad_overrides = ["train.max_steps=6", "checkpoint.every=6", "model.preset=cpu-tiny",
+                              "data.batch_size=8"]
+        plan.per_class = 3
+        plan.sample_overrides = {"sample__steps": 5}
         plan.eval_overrides = {"utility__enabled": False}
     expected = {name: EXPECTED_SECONDS.get(name, 10) for name in stage_names(plan)}
     started = time.perf_counter()

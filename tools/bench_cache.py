@@ -1,25 +1,30 @@
 """Benchmark the feature cache: what building it costs, what it stores, and what it removes from each step.
 
-    python tools/bench_cache.py                  # ResNet50 @224 build, tiny-sd step, batch 4 and 8 (~10 min, 2 CPU cores)
-    python tools/bench_cache.py --quick          # resnet18 @64 build, cpu-small step, batch 4 (~2 min)
-    python tools/bench_cache.py --skip-build     # only the per-step part (or --skip-step: only the build)
+    python tools/bench_cache.py                # ResNet50 @224 build; tiny-sd step; batch 4 on CPU, 4 and 8 on a GPU
+    python tools/bench_cache.py --quick        # resnet18 @64 build, cpu-small step, batch 2: a smoke run (~2-3 min)
+    python tools/bench_cache.py --batches 4 8  # the step part at batch 8 too (on 2 CPU cores a tiny-sd step at
+                                               # 64px is ~1-3 min at batch 4: the default takes ~10-20 min there)
+    python tools/bench_cache.py --skip-build   # only the per-step part (--skip-step: only the build)
 
-1. Build: procedural grayscale tiles are sharded (all into the train split), a random-weight expert card
-   is saved (`--expert`, `--input-size`), and `build_cache` runs on them pooled-only and with spatial maps.
-   tiles/s is tiles_built / build_seconds from the cache manifest (the encode loop: decode, 8 views,
-   expert forward, fp16 .npy, tar write; model load excluded; the wall time with load is reported too);
-   bytes/tile is the manifest's bytes_per_tile (tile PNG + cached arrays + tar framing). Median of
-   `--repeats` builds.
-2. Per-step cost the cache removes: median forward time of the expert on `batch` noisy 64x64 tiles resized
-   to its 224 input (`features`, what the seed projector aligns to) for ResNet50 and ViT-L/16 (timm,
-   in_chans 1, random weights), of the CLIP ViT-L/14 text tower (random weights, `batch` prompts x 77
-   tokens, which the seed encodes every step), and of one FAD training step with the cache (the UNet +
-   alignment projector against a cached target, forward + backward + AdamW, bf16 autocast: the `fad` arm
-   of tools/bench_step.py). The expert and text forwards run in fp32 by default, as the trainer's online
-   expert does (outside autocast); `--forward-precision bf16` runs them in bf16 autocast. The arms are
-   interleaved rep by rep, so a load change on a shared machine hits all of them alike.
-   Ratios per expert and batch: (expert + text) / step, the extra time per step without the cache;
-   removed = (expert + text) / (expert + text + step), the share of an uncached step the cache removes.
+1. Build: procedural grayscale tiles (`--tiles` per class, 8 classes, `--size` px) are sharded, all into
+   the train split; a random-weight expert card is saved (`--expert` at `--input-size`); `build_cache`
+   runs on them pooled-only and with spatial maps, `--repeats` times each (median). tiles/s is
+   tiles_built / build_seconds from the cache manifest (the encode loop: decode, 8 views, expert forward,
+   fp16 .npy, tar write; the model load is excluded, the wall time with it is reported too); bytes/tile is
+   the manifest's bytes_per_tile (tile PNG + cached arrays + tar framing).
+2. Per-step cost the cache removes: the forward time of the expert on `batch` noisy 64x64 tiles resized
+   to its 224 input (`features`: what the seed projector aligns to), for ResNet50 and ViT-L/16 (timm,
+   in_chans 1, random weights); of the CLIP ViT-L/14 text tower (random weights, `batch` prompts x 77
+   tokens, which the seed encodes every step); and of one FAD training step with the cache (UNet +
+   alignment projector against a cached target, forward + backward + AdamW: the `fad` arm of
+   tools/bench_step.py). The step runs in bf16 autocast on a GPU and fp32 on CPU (`--step-precision`;
+   the trainer's `mixed_precision: auto` does the same: bf16 autocast on a CPU without native bf16 is ~6x
+   slower than fp32). The expert and text forwards run in fp32, as the trainer's online expert (outside
+   autocast) and the seed do (`--forward-precision bf16`: in autocast). Every arm has one untimed call
+   at `--warmup-batch`; then the arms are timed interleaved, rep by rep (`--reps`, median), so a load
+   change on a shared machine hits all of them alike.
+   Ratios per expert and batch: over_step = (expert + text) / step, the time an uncached step adds;
+   removed share = (expert + text) / (expert + text + step), the part of an uncached step the cache removes.
 
 A readable table, then one JSON object on the last line with every number.
 """
@@ -39,7 +44,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")  # build_cache's progress bar
 
 import torch  # noqa: E402
 
@@ -91,8 +95,11 @@ def array_bytes(arrays: dict) -> dict:
 
 
 def bench_build(args, root: Path) -> dict:
-    from fadscale.cache_features import build_cache
+    from fadscale import cache_features
     from fadscale.data.shard import shard_dataset
+
+    bar = cache_features.tqdm  # no progress bar in the benchmark's output
+    cache_features.tqdm = lambda *a, **k: bar(*a, **{**k, "disable": True})
 
     shards = root / "shards"
     source = shard_dataset(f"procedural:per_class={args.tiles},size={args.size},seed=0", shards, val_fraction=0.0,
@@ -113,7 +120,7 @@ def bench_build(args, root: Path) -> dict:
                                args.size)
             start = time.perf_counter()
             with contextlib.redirect_stdout(sys.stderr):
-                manifest = build_cache(cfg, overwrite=True)
+                manifest = cache_features.build_cache(cfg, overwrite=True)
             wall = time.perf_counter() - start
             meta = manifest["cache"]
             runs.append({"tiles_built": meta["tiles_built"], "build_seconds": meta["build_seconds"], "wall_seconds": wall,
@@ -159,6 +166,8 @@ def bench_step_cost(args) -> dict:
     from fadscale.models.expert import Expert, expert_input
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.step_precision == "auto":  # the trainer's mixed_precision auto: bf16 on a GPU, fp32 on CPU
+        args.step_precision = "bf16" if device.type == "cuda" else "fp32"
     card = {"input_size": 224, "in_chans": 1, "normalization": NORMALIZATION}
     forward_autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.forward_precision == "bf16")
     build_seconds = {}
@@ -198,13 +207,15 @@ def bench_step_cost(args) -> dict:
 
         return {**{f"expert:{arch}": expert_forward(arch) for arch in args.experts}, "text": text_forward, "step": step}
 
+    if args.warmup_batch:
+        # Untimed and cheap: the step's first call creates AdamW's state; every arm initialises its kernels.
+        start = time.perf_counter()
+        for fn in arms(args.warmup_batch).values():
+            fn()
+        build_seconds["warmup"] = time.perf_counter() - start
     times: dict[int, dict[str, list[float]]] = {}
-    for index, batch in enumerate(args.batches):
+    for batch in args.batches:
         fns = arms(batch)
-        # Untimed warm-up: the step's first call creates AdamW's state; forwards warm their kernels.
-        for name, fn in fns.items():
-            if index == 0 or args.warmup_each_batch:
-                fn()
         times[batch] = {name: [] for name in fns}
         for rep in range(args.reps):
             for name, fn in fns.items():  # interleaved: a load change hits every arm alike
@@ -230,7 +241,7 @@ def bench_step_cost(args) -> dict:
     return {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
             "unet_preset": args.unet_preset, "step_size": args.step_size, "step_precision": args.step_precision,
             "forward_precision": args.forward_precision, "experts": args.experts, "reps": args.reps,
-            "text_tokens": TEXT_TOKENS, "build_seconds": build_seconds,
+            "warmup_batch": args.warmup_batch, "text_tokens": TEXT_TOKENS, "setup_seconds": build_seconds,
             "batches": {str(b): r for b, r in results.items()}}
 
 
@@ -272,8 +283,9 @@ def print_step(step: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small expert, cpu-small UNet, fewer tiles, batch 4")
-    parser.add_argument("--tiles", type=int, help="tiles per class (8 classes); default 4, quick 8")
+    parser.add_argument("--quick", action="store_true",
+                        help="resnet18 @64 build on 16 tiles, cpu-small step, batch 2 (a smoke run, ~2 min)")
+    parser.add_argument("--tiles", type=int, help="tiles per class (8 classes); default 2")
     parser.add_argument("--size", type=int, default=64, help="tile size of the shards (px)")
     parser.add_argument("--expert", help="timm arch of the build's expert; default resnet50, quick resnet18")
     parser.add_argument("--input-size", type=int, help="the build expert's input size; default 224, quick 64")
@@ -284,23 +296,26 @@ def main() -> None:
                         help="timm archs timed per step (at 224, in_chans 1)")
     parser.add_argument("--unet-preset", help="default tiny-sd, quick cpu-small")
     parser.add_argument("--step-size", type=int, default=64, help="tile size of the training step (px)")
-    parser.add_argument("--batches", type=int, nargs="+", help="default 4 8, quick 4")
+    parser.add_argument("--batches", type=int, nargs="+",
+                        help="default 4 8 on a GPU, 4 on CPU (a tiny-sd step at 64px is minutes there); quick 2")
     parser.add_argument("--reps", type=int, default=3, help="timed reps per arm and batch (median)")
-    parser.add_argument("--warmup-each-batch", action="store_true",
-                        help="an untimed call per arm at every batch (default: at the first batch only)")
-    parser.add_argument("--forward-precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--step-precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--warmup-batch", type=int, default=1, help="batch of the one untimed call per arm; 0: none")
+    parser.add_argument("--forward-precision", choices=["fp32", "bf16"], default="fp32",
+                        help="expert and text forwards; fp32 as the trainer's online expert and the seed")
+    parser.add_argument("--step-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: bf16 autocast on a GPU, fp32 on CPU (bf16 on a CPU without native bf16 "
+                             "is several times slower)")
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--keep", help="build in this folder and keep it (default: a temporary folder)")
     args = parser.parse_args()
     q = args.quick
-    args.tiles = args.tiles or (8 if q else 4)
+    args.tiles = args.tiles or 2
     args.expert = args.expert or ("resnet18" if q else "resnet50")
     args.input_size = args.input_size or (64 if q else 224)
     args.repeats = args.repeats or (3 if q else 1)
     args.unet_preset = args.unet_preset or ("cpu-small" if q else "tiny-sd")
-    args.batches = args.batches or ([4] if q else [4, 8])
+    args.batches = args.batches or ([2] if q else [4, 8] if torch.cuda.is_available() else [4])
 
     started = time.perf_counter()
     load_start = os.getloadavg()[0]

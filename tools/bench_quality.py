@@ -17,8 +17,20 @@ evaluator against the real val tiles (never seen by either expert's training or 
 
 Printed: per arm the mean +/- std over seeds of every metric; per FAD arm the paired difference
 FAD - vanilla (same seed), its mean +/- std and in how many seeds it went the better way; a sampler
-row (one FAD run sampled with DDPM-1000 and with DPM-Solver++-25: s/image and the same metrics); with
---ablate, the FAD variants tried. The last line is one JSON object with every number.
+row (the first FAD run, seed 0, sampled with DDPM-1000, DPM-Solver++-25 and the arms' sampler: s/image
+and the same metrics); with --ablate, the FAD variants tried (align weight 0.1 and 4, an earlier layer,
+the reference's noisy-online target, repa at weight 0.1). The last line is one JSON object with every
+number. "consistent" means: the same direction in every seed and |mean| > std of the differences.
+
+The arms' sampler is DDIM-25 by default, not DPM-Solver++: fadscale's dpm++ scheduler does not clip its
+x0 prediction, and with the squaredcos_cap_v2 schedule the first step (t=999, sqrt(alpha_bar) ~ 5e-5)
+multiplies any error of the noise prediction by ~2e4; a briefly trained UNet then gives saturated noise
+(quick run: Frechet ~4e4 with dpm++-25 vs ~300 with DDIM-25 or DDPM-100). The sampler row shows it.
+
+Caveats of the small presets: at 32 px the resnet10t expert's spatial map is 1x1, so `repa` there aligns
+every UNet location to the pooled feature (the gpu preset feeds the experts 128 px: a 4x4 map). On a
+busy machine pass `--threads 1` (measured: a cpu-small step 3 s with 1 thread vs 9 s with 2 while other
+jobs ran); the threads used are in the JSON.
 
 Metrics (fadscale.evaluate): generation accuracy (split-B evaluator top-1 on generated tiles), SSIM
 diversity (1 - mean SSIM of random same-class pairs; the real tiles' value is the reference, not
@@ -34,6 +46,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -79,30 +92,34 @@ ABLATIONS = {
 
 PRESETS = {
     # Procedural grayscale tiles at 32x32, the cpu-small UNet (configs/tiny): 3 seeds x 3 arms.
-    # Measured on 2 idle cores: see the docstring of main() for the stage costs this was sized from.
+    # Sized from the demo's stage costs on 2 idle cores (see main()'s docstring); not yet run in full.
     "cpu": dict(
         source="procedural:per_class=96,size=32,seed=0", image_size=32, seeds=[0, 1, 2], steps=300, batch=16,
         per_class=24, expert=[], fad=["optim.lr=1e-3", "optim.warmup_steps=20", "train.ema_decay=0.99"],
-        sampler_row_per_class=8, ddpm_steps=1000, eval_batch=64),
-    # Procedural 64x64, 4x the tiles, the cpu-small UNet at batch 64 for 1500 steps (bf16 on GPU).
+        sampler_row_per_class=8, ddpm_steps=1000, eval_batch=64, sample_batch=64),
+    # Procedural 64x64, 4x the tiles, the cpu-small UNet at batch 128 for 1000 steps, bf16 (a step of this
+    # small UNet is kernel-launch bound on an H100, so the larger batch costs little). Not yet run.
     "gpu": dict(
-        source="procedural:per_class=256,size=64,seed=0", image_size=64, seeds=[0, 1, 2], steps=1500, batch=64,
-        per_class=64, expert=["train.epochs=8", "data.batch_size=64"],
-        fad=["optim.lr=1e-3", "optim.warmup_steps=50", "train.ema_decay=0.995", "checkpoint.every=1000",
+        source="procedural:per_class=256,size=64,seed=0", image_size=64, seeds=[0, 1, 2], steps=1000, batch=128,
+        per_class=64,
+        # The experts see the tiles at 128 px (resnet10t: a 4x4 spatial map for repa; at 64 px it is 2x2).
+        expert=["train.epochs=8", "data.batch_size=64", "data.image_size=128", "model.input_size=128"],
+        fad=["optim.lr=1e-3", "optim.warmup_steps=50", "train.ema_decay=0.995", "train.mixed_precision=auto",
              "train.log_every=50"],
-        sampler_row_per_class=16, ddpm_steps=1000, eval_batch=256),
+        sampler_row_per_class=16, ddpm_steps=1000, eval_batch=256, sample_batch=256),
     # The 127 real tiles (centre-cropped square and resized to 32 px by the loader), one seed: a sanity
     # check that the pipeline runs on real files; far too few tiles to judge FAD.
     "real": dict(
         source=str(REAL_DATA), image_size=32, seeds=[0], steps=300, batch=16, per_class=8,
         expert=["train.epochs=20", "data.batch_size=16"],
         fad=["optim.lr=1e-3", "optim.warmup_steps=20", "train.ema_decay=0.99"],
-        sampler_row_per_class=4, ddpm_steps=1000, eval_batch=64),
+        sampler_row_per_class=4, ddpm_steps=1000, eval_batch=64, sample_batch=64),
 }
-# --quick: a smoke test of every code path, not a measurement (the sampler row's DDPM runs 100 steps,
-# not 1000, and is labelled so).
-QUICK = dict(source="procedural:per_class=32,size=32,seed=0", seeds=[0], steps=30, per_class=4,
-             expert=["train.epochs=2"], sampler_row_per_class=2, ddpm_steps=100)
+# --quick: a smoke test of every code path, not a measurement: 32 procedural tiles per class (real: all
+# 127), 1 seed, 30 steps, 2 expert epochs; the sampler row's DDPM runs 100 steps, not 1000 (labelled so).
+QUICK = dict(seeds=[0], steps=30, per_class=4, sampler_row_per_class=2, ddpm_steps=100)
+QUICK_EXPERT = ["train.epochs=2"]
+QUICK_PROCEDURAL_PER_CLASS = 32
 
 
 # ------------------------------------------------------------------------------------------ numbers
@@ -167,7 +184,7 @@ def build_plan(args, preset: dict, out: Path):
     fad = [f"train.max_steps={preset['steps']}", f"data.batch_size={preset['batch']}",
            f"checkpoint.every={max(preset['steps'], 1)}", "checkpoint.keep_last=1", *preset["fad"], *args.set]
     sample = {"sample__scheduler": args.scheduler, "sample__steps": args.sampler_steps,
-              "sample__batch_size": 64}
+              "sample__batch_size": preset["sample_batch"]}
     evaluate = {"utility__enabled": bool(args.utility), "evaluator__batch_size": preset["eval_batch"],
                 "metrics__ssim_pairs": 100, "metrics__kid_subsets": 50}
     return Plan(out=out, source=preset["source"], image_size=preset["image_size"], seed=0, arms=dict(ARMS),
@@ -175,7 +192,16 @@ def build_plan(args, preset: dict, out: Path):
                 sample_overrides=sample, eval_overrides=evaluate)
 
 
-def expected_costs(plan, preset: dict, seeds: list[int], arms: dict, sampler_row: bool) -> dict[str, float]:
+def row_samplers(args, preset: dict) -> list[tuple[str, str, int]]:
+    """(label, scheduler, steps) of the sampler row: DDPM-1000 (the reference), DPM-Solver++-25, and the
+    arms' own sampler when it is neither."""
+    rows = [(f"ddpm-{preset['ddpm_steps']}", "ddpm", preset["ddpm_steps"]), ("dpm++-25", "dpm++", 25)]
+    if (args.scheduler, args.sampler_steps) not in [(s, n) for _, s, n in rows]:
+        rows.append((f"{args.scheduler}-{args.sampler_steps}", args.scheduler, args.sampler_steps))
+    return rows
+
+
+def expected_costs(args, plan, preset: dict, seeds: list[int], arms: dict, sampler_row: bool) -> dict[str, float]:
     """Rough stage costs (seconds on 2 CPU cores) for the progress ETA only."""
     from fadscale.pipeline import arm_stage_names, prepare_stage_names
 
@@ -189,10 +215,9 @@ def expected_costs(plan, preset: dict, seeds: list[int], arms: dict, sampler_row
             costs[sample] = preset["per_class"] * 8 * 0.1
             costs[evaluate] = 10.0 if not plan.eval_overrides.get("utility__enabled") else 40.0
     if sampler_row:
-        ddpm = f"ddpm-{preset['ddpm_steps']}"
-        costs[f"sampler {ddpm}"] = preset["sampler_row_per_class"] * 8 * 0.004 * preset["ddpm_steps"]
-        costs["sampler dpm++-25"] = preset["sampler_row_per_class"] * 8 * 0.1
-        costs[f"evaluate sampler {ddpm}"] = costs["evaluate sampler dpm++-25"] = 5.0
+        for label, _, steps in row_samplers(args, preset):
+            costs[f"sampler {label}"] = preset["sampler_row_per_class"] * 8 * 0.004 * steps
+            costs[f"evaluate sampler {label}"] = 5.0
     return costs
 
 
@@ -202,6 +227,9 @@ def run_bench(args) -> dict:
     preset = dict(PRESETS[args.preset])
     if args.quick:
         preset.update(QUICK)
+        preset["expert"] = [*preset["expert"], *QUICK_EXPERT]
+        if preset["source"].startswith("procedural:"):
+            preset["source"] = re.sub(r"per_class=\d+", f"per_class={QUICK_PROCEDURAL_PER_CLASS}", preset["source"])
     if args.seeds is not None:
         preset["seeds"] = list(range(args.seeds))
     if args.steps is not None:
@@ -227,7 +255,7 @@ def run_bench(args) -> dict:
     all_arms = {**arms, **ablations}
     plan.arms = dict(arms)
     sampler_row = not args.no_sampler_row
-    expected = expected_costs(plan, preset, seeds, arms, sampler_row)
+    expected = expected_costs(args, plan, preset, seeds, arms, sampler_row)
     for seed in ablation_seeds:
         for name in ablations:
             for stage, cost in zip((f"train {name}-s{seed}", f"sample {name}-s{seed}", f"evaluate {name}-s{seed}"),
@@ -253,13 +281,13 @@ def run_bench(args) -> dict:
         fad_arm = next((a for a in arms if a != "vanilla"), "vanilla")
         run_dir = out / f"{fad_arm}-s{seeds[0]}"
         rows = {}
-        for label, scheduler, steps in ((f"ddpm-{preset['ddpm_steps']}", "ddpm", preset["ddpm_steps"]),
-                                        ("dpm++-25", "dpm++", 25)):
+        for label, scheduler, steps in row_samplers(args, preset):
             samples = out / f"samplerrow-{label}"
             manifest = clock.run(f"sampler {label}", lambda: sample_run(
                 plan, run_dir, samples, seed=seeds[0], sample__scheduler=scheduler, sample__steps=steps,
                 sample__per_class=preset["sampler_row_per_class"]))
             rows[label] = {"scheduler": scheduler, "steps": steps, "images": manifest["count"],
+                           "arms_sampler": (scheduler, steps) == (args.scheduler, args.sampler_steps),
                            "s_per_image": manifest["timing"]["s_per_image"], "wall_s": manifest["timing"]["wall_s"],
                            "samples": str(samples)}
         for label in rows:
@@ -306,6 +334,10 @@ def assemble(args, preset, plan, prepared, runs, arms, ablations, sampler, timin
         rows = [r for r in of(arm) if r["seed"] in vanilla_by_seed]
         differences[arm] = paired([r["metrics"] for r in rows], [vanilla_by_seed[r["seed"]] for r in rows])
         differences[arm]["seeds"] = [r["seed"] for r in rows]
+    arrays = {}
+    for spatial, folder in prepared.caches.items():
+        shapes = json.loads((Path(folder) / "manifest.json").read_text())["cache"]["arrays"]
+        arrays.update({key.removesuffix(".npy"): value["shape"] for key, value in shapes.items()})
     cards = {name: json.loads(Path(path).read_text()) for name, path in
              (("alignment_expert", prepared.alignment_expert), ("evaluator", prepared.evaluator))}
     first = runs[0]["real"] if runs else {}
@@ -327,6 +359,7 @@ def assemble(args, preset, plan, prepared, runs, arms, ablations, sampler, timin
                   "utility": bool(args.utility), "fad_overrides": plan.fad_overrides,
                   "expert_overrides": plan.expert_overrides, "arms": {**arms, **ablations},
                   "unet": "cpu-small (configs/tiny/fad.yaml)", "layer": LAYER,
+                  "cached_expert_arrays": arrays,  # per tile: [8 views, D] pooled, [8, D, h, w] spatial
                   "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
                   "out": str(plan.out)},
         "experts": {name: {"arch": card.get("arch"), "val_accuracy": card.get("val_accuracy"),
@@ -380,7 +413,7 @@ def print_table(result: dict) -> None:
         print(f"sampler row: {s['arm']} seed {s['seed']}, {s['per_class']}/class")
         print(f"{'sampler':<18}{'s/image':>{width}}" + "".join(f"{label:>{width}}" for _, label in keys))
         for label, row in s["rows"].items():
-            print(f"{label:<18}{row['s_per_image']:>{width}.4f}"
+            print(f"{label + (' (arms)' if row.get('arms_sampler') else ''):<18}{row['s_per_image']:>{width}.4f}"
                   + "".join(f"{_num(row['metrics'][k], _digits(k)):>{width}}" for k, _ in keys))
     print()
     for arm, text in result["verdict"].items():
@@ -389,9 +422,11 @@ def print_table(result: dict) -> None:
 
 
 def main(argv=None) -> None:
-    """Sizing of the cpu preset (2 cores): experts ~20-40 s each, caches ~10 s, a 300-step cpu-small
-    run ~1-1.5 min (FAD arms a little more), sampling 192 tiles with DPM++-25 ~10 s, evaluation without
-    utility ~5-10 s; 9 runs plus the sampler row (64 tiles with DDPM-1000) fit ~30 min on idle cores."""
+    """Sizing of the cpu preset, from fadscale.demo's stage costs on 2 idle cores (200 cpu-small steps
+    ~60-70 s, 128 tiles x 20 DDIM steps ~10 s, a tiny expert ~20-40 s): 9 runs of 300 steps ~15-17 min,
+    sampling 9 x 192 tiles x 25 steps ~3 min, evaluations (no utility) ~1.5 min, experts and caches
+    ~1.5 min, the sampler row (64 tiles with DDPM-1000) ~4 min: ~25-30 min. Estimates, not a measurement;
+    on a shared machine it takes several times longer."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -402,8 +437,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, help="training steps per run; default: the preset's")
     parser.add_argument("--per-class", type=int, help="generated tiles per class; default: the preset's")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
-    parser.add_argument("--scheduler", choices=["ddpm", "ddim", "dpm++"], default="dpm++",
-                        help="sampler of every arm (default dpm++)")
+    parser.add_argument("--scheduler", choices=["ddpm", "ddim", "dpm++"], default="ddim",
+                        help="sampler of every arm (default ddim: see the module docstring on dpm++)")
     parser.add_argument("--sampler-steps", type=int, default=25)
     parser.add_argument("--no-sampler-row", action="store_true", help="skip the DDPM-1000 vs DPM-Solver++-25 row")
     parser.add_argument("--sampler-row-per-class", type=int, help="tiles per class in the sampler row")
