@@ -31,8 +31,9 @@ METRICS = [  # (label, path in the evaluation report, higher is better)
     ("KID", ("distances", "overall", "kid", "mean"), False),
     ("precision", ("distances", "overall", "precision"), True),
     ("recall", ("distances", "overall", "recall"), True),
-    ("train-on-synthetic accuracy (real val)", ("utility", "synthetic_only", "accuracy"), True),
-    ("real + synthetic accuracy (real val)", ("utility", "real_plus_synthetic", "accuracy"), True),
+    ("train-on-synthetic accuracy (real val)", ("utility", "setups", "synthetic", "overall"), True),
+    ("real + synthetic accuracy (real val)", ("utility", "setups", "real+synthetic", "overall"), True),
+    ("real-only accuracy (real val, reference)", ("utility", "setups", "real", "overall"), True),
 ]
 
 

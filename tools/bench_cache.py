@@ -1,9 +1,11 @@
 """Benchmark the feature cache: what building it costs, what it stores, and what it removes from each step.
 
-    python tools/bench_cache.py                # ResNet50 @224 build; tiny-sd step; batch 4 on CPU, 4 and 8 on a GPU
-    python tools/bench_cache.py --quick        # resnet18 @64 build, cpu-small step, batch 2: a smoke run (~2-3 min)
-    python tools/bench_cache.py --batches 4 8  # the step part at batch 8 too (on 2 CPU cores a tiny-sd step at
-                                               # 64px is ~1-3 min at batch 4: the default takes ~10-20 min there)
+    python tools/bench_cache.py                # ResNet50 @224 build, tiny-sd step; batch 4 (CPU), 4 and 8 (GPU)
+                                               # (2 CPU cores: ~6 min idle, ~16 min shared; a tiny-sd step at
+                                               # 64px, batch 4, fp32 is ~1-3 min there)
+    python tools/bench_cache.py --quick        # resnet18 @64 build, cpu-small step, batch 2: a smoke run
+                                               # (2 CPU cores: ~40 s idle, ~3 min shared)
+    python tools/bench_cache.py --batches 4 8  # the step part at batch 8 too (doubles the step part on CPU)
     python tools/bench_cache.py --skip-build   # only the per-step part (--skip-step: only the build)
 
 1. Build: procedural grayscale tiles (`--tiles` per class, 8 classes, `--size` px) are sharded, all into
@@ -123,8 +125,8 @@ def bench_build(args, root: Path) -> dict:
                 manifest = cache_features.build_cache(cfg, overwrite=True)
             wall = time.perf_counter() - start
             meta = manifest["cache"]
-            runs.append({"tiles_built": meta["tiles_built"], "build_seconds": meta["build_seconds"], "wall_seconds": wall,
-                         "bytes_per_tile": meta["bytes_per_tile"], "arrays": meta["arrays"]})
+            runs.append({"tiles_built": meta["tiles_built"], "build_seconds": meta["build_seconds"],
+                         "wall_seconds": wall, "bytes_per_tile": meta["bytes_per_tile"], "arrays": meta["arrays"]})
             shutil.rmtree(cache, ignore_errors=True)  # spatial caches are large
             print(f"  build {mode:7s} repeat {repeat + 1}/{args.repeats}: {meta['tiles_built']} tiles in "
                   f"{meta['build_seconds']:.1f} s (wall {wall:.1f} s)", file=sys.stderr, flush=True)
@@ -184,7 +186,9 @@ def bench_step_cost(args) -> dict:
                                         num_attention_heads=12, projection_dim=768)).to(device).eval()
     build_seconds["text"] = time.perf_counter() - start
     start = time.perf_counter()
-    model, optimizer, extras = bench_step.build_arm("fad", args.unet_preset, args.step_size, args.batches[0], False, device)
+    # The projector is sized for a 2048-d target (ResNet50's); ViT-L's 1024-d one changes the step by little.
+    model, optimizer, extras = bench_step.build_arm("fad", args.unet_preset, args.step_size, args.batches[0], False,
+                                                    device)
     build_seconds["step"] = time.perf_counter() - start
 
     def arms(batch: int) -> dict:
@@ -205,7 +209,8 @@ def bench_step_cost(args) -> dict:
         def step():
             bench_step.one_step("fad", model, optimizer, extras, batch, args.step_size, args.step_precision, device)
 
-        return {**{f"expert:{arch}": expert_forward(arch) for arch in args.experts}, "text": text_forward, "step": step}
+        return {**{f"expert:{arch}": expert_forward(arch) for arch in args.experts}, "text": text_forward,
+                "step": step}
 
     if args.warmup_batch:
         # Untimed and cheap: the step's first call creates AdamW's state; every arm initialises its kernels.
@@ -229,7 +234,8 @@ def bench_step_cost(args) -> dict:
         ratios = {}
         for arch in args.experts:
             removed = medians[f"expert:{arch}"] + medians["text"]
-            paired = [(e + t) / s for e, t, s in zip(arm_times[f"expert:{arch}"], arm_times["text"], arm_times["step"])]
+            paired = [(e + t) / s
+                      for e, t, s in zip(arm_times[f"expert:{arch}"], arm_times["text"], arm_times["step"])]
             ratios[arch] = {
                 "expert_plus_text_s": removed,
                 "over_step": removed / medians["step"],
@@ -250,8 +256,8 @@ def bench_step_cost(args) -> dict:
 
 def print_build(build: dict) -> None:
     print(f"build: expert {build['expert']} @{build['input_size']} (random weights, feature {build['feature_dim']}, "
-          f"map {build['spatial_feature_dim']} ch), {build['tiles']} tiles x 8 views, {build['tile_size']}px grayscale, "
-          f"{build['cache_batch_tiles']} tiles per forward, median of {build['repeats']}")
+          f"map {build['spatial_feature_dim']} ch), {build['tiles']} tiles x 8 views, {build['tile_size']}px "
+          f"grayscale, {build['cache_batch_tiles']} tiles per forward, median of {build['repeats']}")
     print(f"  {'mode':8s} {'tiles/s':>8s} {'views/s':>8s} {'encode s':>9s} {'wall s':>7s} {'bytes/tile':>11s} "
           f"{'arrays B/tile':>14s} {'GiB/100k tiles':>15s}")
     for mode, m in build["modes"].items():
@@ -260,7 +266,7 @@ def print_build(build: dict) -> None:
               f"{m['gib_per_100k_tiles']:15.3f}")
     for mode, m in build["modes"].items():
         shapes = ", ".join(f"{k} {v['shape']} {v['dtype']}" for k, v in m["arrays"].items())
-        print(f"  {mode:8s} arrays: {shapes}; tile PNG {build['source_bytes_per_tile']:.0f} B/tile in the source shards")
+        print(f"  {mode:8s} arrays: {shapes}; the source shards hold {build['source_bytes_per_tile']:.0f} B/tile")
 
 
 def print_step(step: dict) -> None:
@@ -345,7 +351,8 @@ def main() -> None:
     summary["load_average_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
     summary["total_seconds"] = time.perf_counter() - started
     print(f"\ntotal {summary['total_seconds']:.0f} s; 1-min load average {load_start:.1f} at start, "
-          f"{summary['load_average_1min']['end']:.1f} at end ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads)")
+          f"{summary['load_average_1min']['end']:.1f} at end ({os.cpu_count()} CPUs, "
+          f"{torch.get_num_threads()} threads)")
     print(json.dumps(summary))
 
 

@@ -201,12 +201,13 @@ def row_samplers(args, preset: dict) -> list[tuple[str, str, int]]:
     return rows
 
 
-def expected_costs(args, plan, preset: dict, seeds: list[int], arms: dict, sampler_row: bool) -> dict[str, float]:
-    """Rough stage costs (seconds on 2 CPU cores) for the progress ETA only."""
+def expected_costs(args, plan, preset: dict, seeds: list[int], arms: dict, sampler_row: bool,
+                   cache_arms: dict) -> dict[str, float]:
+    """Rough stage costs (seconds on 2 idle CPU cores; a guess for a GPU) for the progress ETA only."""
     from fadscale.pipeline import arm_stage_names, prepare_stage_names
 
     step = 0.25 * (preset["image_size"] / 32) ** 2 * preset["batch"] / 16
-    costs = {name: 5.0 for name in prepare_stage_names(plan, arms)}
+    costs = {name: 5.0 for name in prepare_stage_names(plan, cache_arms)}
     costs.update({"expert A (alignment)": 30.0, "expert B (evaluator)": 30.0})
     for seed in seeds:
         for arm in arms:
@@ -218,6 +219,8 @@ def expected_costs(args, plan, preset: dict, seeds: list[int], arms: dict, sampl
         for label, _, steps in row_samplers(args, preset):
             costs[f"sampler {label}"] = preset["sampler_row_per_class"] * 8 * 0.004 * steps
             costs[f"evaluate sampler {label}"] = 5.0
+    if torch.cuda.is_available():  # the per-step and per-image costs above are CPU ones
+        costs = {name: max(2.0, cost * 0.05) for name, cost in costs.items()}
     return costs
 
 
@@ -255,7 +258,7 @@ def run_bench(args) -> dict:
     all_arms = {**arms, **ablations}
     plan.arms = dict(arms)
     sampler_row = not args.no_sampler_row
-    expected = expected_costs(args, plan, preset, seeds, arms, sampler_row)
+    expected = expected_costs(args, plan, preset, seeds, arms, sampler_row, all_arms)
     for seed in ablation_seeds:
         for name in ablations:
             for stage, cost in zip((f"train {name}-s{seed}", f"sample {name}-s{seed}", f"evaluate {name}-s{seed}"),
