@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from fadscale import __version__
+from fadscale.evaluate import report_value
 from fadscale.pipeline import Plan, run_pipeline, stage_names
 from fadscale.runtime.io import FadscaleError, atomic_write_bytes, atomic_write_text
 from fadscale.runtime.logging import read_metrics
@@ -35,15 +36,6 @@ METRICS = [  # (label, path in the evaluation report, higher is better)
     ("real + synthetic accuracy (real val)", ("utility", "setups", "real+synthetic", "overall"), True),
     ("real-only accuracy (real val, reference)", ("utility", "setups", "real", "overall"), True),
 ]
-
-
-def _get(report: dict, path: tuple):
-    value = report
-    for key in path:
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return value if isinstance(value, (int, float)) else None
 
 
 def _png(fig) -> bytes:
@@ -115,7 +107,7 @@ def comparison_grid(result: dict, per_row: int = 6) -> bytes:
 def metrics_rows(reports: dict) -> list[tuple[str, float | None, float | None, float | None, bool]]:
     rows = []
     for label, path, higher in METRICS:
-        vanilla, fad = _get(reports.get("vanilla", {}), path), _get(reports.get("fad", {}), path)
+        vanilla, fad = report_value(reports.get("vanilla", {}), path), report_value(reports.get("fad", {}), path)
         diff = fad - vanilla if vanilla is not None and fad is not None else None
         rows.append((label, vanilla, fad, diff, higher))
     return rows
@@ -138,7 +130,7 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
     for name, data in images.items():
         atomic_write_bytes(out / f"report-{name}.png", data)
     rows = metrics_rows(reports)
-    real_div = _get(next(iter(reports.values())), ("diversity", "mean", "real"))
+    real_div = report_value(next(iter(reports.values())), ("diversity", "mean", "real"))
     timings = result["timings"]
 
     md = [f"# fadscale demo report\n",

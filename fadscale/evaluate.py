@@ -627,6 +627,16 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def report_value(report: dict, path: tuple) -> float | None:
+    """A number from a report by its key path (e.g. ("distances", "overall", "frechet")); None if absent."""
+    value = report
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def evaluate_samples(samples: str | Path, evaluator: str | Path, out_dir: str | Path | None = None,
                      **overrides) -> dict:
     """Library entry: evaluate a sample set with an evaluator card and return the report dict; writes the

@@ -59,6 +59,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
+from fadscale.evaluate import report_value  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "kather16-sample"
 LAYER = "down_blocks.2.resnets.0.conv_shortcut"  # the reference's aligned layer (every preset has it)
@@ -125,17 +127,8 @@ QUICK_PROCEDURAL_PER_CLASS = 32
 # ------------------------------------------------------------------------------------------ numbers
 
 
-def _get(report: dict, path: tuple):
-    value = report
-    for key in path:
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def metrics_of(report: dict) -> dict:
-    return {key: _get(report, path) for key, _, path, _ in METRICS}
+    return {key: report_value(report, path) for key, _, path, _ in METRICS}
 
 
 def summary(values: list) -> dict:
@@ -308,9 +301,9 @@ def _record(result: dict, arm: str, seed: int) -> dict:
     report, manifest = result["report"], result["manifest"]
     card = json.loads((Path(result["run"]) / "final" / "run_card.json").read_text())
     return {"arm": arm, "seed": seed, "metrics": metrics_of(report),
-            "real": {"diversity": _get(report, ("diversity", "mean", "real")),
-                     "evaluator_accuracy": _get(report, ("real_accuracy", "overall")),
-                     "utility_real_only": _get(report, ("utility", "setups", "real", "overall"))},
+            "real": {"diversity": report_value(report, ("diversity", "mean", "real")),
+                     "evaluator_accuracy": report_value(report, ("real_accuracy", "overall")),
+                     "utility_real_only": report_value(report, ("utility", "setups", "real", "overall"))},
             "train_s": result["timings"].get(f"train {arm}-s{seed}"),
             "final_noise_loss": card.get("final_metrics", {}).get("loss/noise"),
             "final_align_cosine": card.get("final_metrics", {}).get("align/cosine"),
