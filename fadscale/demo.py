@@ -29,7 +29,7 @@ METRICS = [  # (label, path in the evaluation report, higher is better)
     ("generation accuracy", ("generation_accuracy", "overall"), True),
     ("SSIM diversity (1 - mean SSIM)", ("diversity", "mean", "generated"), True),
     ("Frechet distance (evaluator features)", ("distances", "overall", "frechet"), False),
-    ("KID", ("distances", "overall", "kid", "mean"), False),
+    ("KID", ("distances", "overall", "kid"), False),
     ("precision", ("distances", "overall", "precision"), True),
     ("recall", ("distances", "overall", "recall"), True),
     ("train-on-synthetic accuracy (real val)", ("utility", "setups", "synthetic", "overall"), True),
