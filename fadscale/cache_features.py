@@ -114,14 +114,16 @@ def _encode_shard(url: str, out_path: Path, expert, card: dict, cfg: FadConfig, 
 
     with open(tmp, "wb") as stream:
         writer = wds.TarWriter(stream)
-        for sample in wds.tarfile_to_samples()([{"url": url}]):
-            batch.append(sample)
-            count += 1
-            if len(batch) == cfg.cache.batch_size:
+        try:
+            for sample in wds.tarfile_to_samples()([{"url": url}]):
+                batch.append(sample)
+                count += 1
+                if len(batch) == cfg.cache.batch_size:
+                    flush(writer)
+            if batch:
                 flush(writer)
-        if batch:
-            flush(writer)
-        writer.close()
+        finally:  # also on an error: closed before its file, not by the garbage collector after it
+            writer.close()
     tmp.replace(out_path)
     return count
 

@@ -212,6 +212,11 @@ def _load_torch(path: Path, device, advice: str):
 
 
 def train(cfg: ExpertConfig) -> int:
+    with StopRequest(cfg.run.out_dir) as stop:  # SIGUSR1/SIGTERM mean "checkpoint and exit" only meanwhile
+        return _train(cfg, stop)
+
+
+def _train(cfg: ExpertConfig, stop: StopRequest) -> int:
     world = detect_world()
     device = init_distributed(world)
     if device.type == "cuda":
@@ -263,7 +268,6 @@ def train(cfg: ExpertConfig) -> int:
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world.distributed else model
 
-    stop = StopRequest(out)
     if world.is_main:
         stop.clear_stale_file()
         save_config(cfg, out / "config.yaml")

@@ -290,6 +290,10 @@ class FadTrainer:
     # ---------------------------------------------------------------- the loop
 
     def train(self) -> int:
+        with self.stop:  # SIGUSR1/SIGTERM mean "checkpoint and exit" only while the loop runs
+            return self._train()
+
+    def _train(self) -> int:
         cfg = self.cfg
         self.state = {"step": 0, "micro": 0, "nan_in_row": 0, "nan_total": 0}
         self._resume()

@@ -44,14 +44,13 @@ CHANCE = 1 / 8
 
 @pytest.fixture(autouse=True)
 def _cpu_only_and_signal_handlers_restored(monkeypatch):
-    """Runs here are CPU runs (gloo, fp32, bit-exact resume) also on a machine with a GPU; in-process runs
-    install the trainer's SIGUSR1/SIGTERM handlers, and pytest gets its own back afterwards."""
+    """Runs here are CPU runs (gloo, fp32, bit-exact resume) also on a machine with a GPU. An in-process
+    run installs the trainer's SIGUSR1/SIGTERM handlers and must hand the host's back when it ends."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
+    assert {sig: signal.getsignal(sig) for sig in saved} == saved
 
 
 def write_config(cfg: ExpertConfig, path: Path) -> Path:

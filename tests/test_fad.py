@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,9 @@ def test_stop_request_checkpoints_and_exits_cleanly(tiny_shards, tiny_expert, tm
                      checkpoint__every=100)
     trainer = FadTrainer(cfg)
     trainer.stop._handle(10, None)  # as if SIGUSR1 arrived during the first step
+    host_handler = signal.getsignal(signal.SIGTERM)
     assert trainer.train() == 0
+    assert signal.getsignal(signal.SIGTERM) is host_handler  # the trainer's handlers lived only while it ran
     steps = [p.name for p in (tmp_path / "run/checkpoints").iterdir()]
     assert steps == ["step-00000001"]
     assert not (tmp_path / "run/final").exists()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -255,6 +258,42 @@ def test_kather_zip_matches_folder_with_workers(kather, tmp_path):
     assert manifest["skipped"] == [{"path": "README.txt", "reason": "not inside a class folder"}]
     # Same keys, and byte-identical shards, as the folder read with one worker.
     assert shard_digests(tmp_path / "zip") == shard_digests(kather)
+
+
+# A host process that turned SIGTERM into a flag (a trainer's stop request, as the demo runs it in-process
+# before sharding) used to leave forked pool workers deaf to terminate(): the pool, and CI, hung for good.
+POOL_UNDER_A_FLAG_HANDLER = """
+import signal, time
+from fadscale.data.shard import _mapper
+
+signal.signal(signal.SIGTERM, lambda *_: None)
+for _ in range(5):
+    with _mapper(2) as mapper:
+        assert list(mapper(abs, range(-40, 0))) == list(range(40, 0, -1))
+# An error while one worker is still busy (a chunk of 8 x 2 s) takes the terminate() path.
+try:
+    with _mapper(2) as mapper:
+        for _ in mapper(time.sleep, [0.0] * 8 + [2.0] * 8):
+            raise KeyError("the first result")
+except KeyError:
+    print("pool shut down")
+"""
+
+
+def test_worker_pool_shuts_down_when_the_host_ignores_sigterm(tmp_path):
+    log = tmp_path / "log.txt"
+    with log.open("w") as sink:  # a file, not a pipe: a hung worker would hold a pipe open
+        proc = subprocess.Popen([sys.executable, "-c", POOL_UNDER_A_FLAG_HANDLER], stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=60)  # seconds when it works; forever when it does not
+        except subprocess.TimeoutExpired:
+            rc = "hung"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the pool's workers too
+    assert rc == 0, log.read_text()
+    assert "pool shut down" in log.read_text()
 
 
 # -------------------------------------------------------------------------------- hostile inputs

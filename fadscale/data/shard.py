@@ -20,6 +20,7 @@ import io
 import json
 import multiprocessing
 import re
+import signal
 import sys
 import tarfile
 import warnings
@@ -196,6 +197,13 @@ class _ShardWriter:
             self._finish()
         return self.shards
 
+    def abort(self) -> None:
+        """Close the open shard unrecorded (the caller discards the staging folder)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._file.close()
+            self._file = self._tar = None
+
     def _start(self) -> None:
         import webdataset  # here, not at the top: it imports torch, which worker processes do not need
 
@@ -222,9 +230,26 @@ def _mapper(workers: int):
     each worker), or the plain built-in map for one worker."""
     if workers == 1:
         yield map
+        return
+    pool = multiprocessing.Pool(workers, initializer=_worker_signals)
+    try:
+        yield functools.partial(pool.imap, chunksize=8)
+    except BaseException:
+        pool.terminate()  # SIGTERM to every worker
+        raise
     else:
-        with multiprocessing.Pool(workers) as pool:
-            yield functools.partial(pool.imap, chunksize=8)
+        pool.close()  # workers leave on their own once the queue is drained
+    finally:
+        pool.join()
+
+
+def _worker_signals() -> None:
+    """Forked workers inherit the parent's Python signal handlers; a host that turned SIGTERM into a flag
+    (a trainer's stop request, a server) would make `terminate()` wait forever for them. Ctrl-C is
+    the parent's to handle: it terminates the pool."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _listed(skipped, first: int = 3) -> str:
@@ -275,22 +300,27 @@ def _write_splits(staging: Path, plan, classes: list[dict], *, grayscale: bool, 
     order = [(split, key, item) for split in SPLITS for key, item in plan[split]]
     writers = {split: _ShardWriter(staging, split, max_samples, max_bytes) for split in SPLITS}
     written = _Written({}, {split: Counter() for split in SPLITS}, Counter(), [])
-    with _mapper(workers) as mapper:
-        results = mapper(_process, ((item, grayscale) for _, _, item in order))
-        bar = tqdm(results, total=len(order), desc="shard", unit="tile", file=sys.stderr, disable=not progress)
-        for (split, key, item), result in zip(order, bar):
-            if isinstance(result, str):
-                written.skipped.append({"path": item.relative_path, "reason": result})
-                continue
-            png, info = result
-            entry = by_folder[item.class_folder]
-            meta = {"source": item.relative_path, "class_name": entry["name"], "class_folder": entry["folder"],
-                    **info}
-            writers[split].write(key, {"cls": str(entry["index"]).encode("ascii"), "png": png,
-                                       "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
-            written.per_class[split][entry["name"]] += 1
-            written.sizes["{}x{}".format(*info["orig_size"])] += 1
-    written.shards = {split: writer.close() for split, writer in writers.items()}
+    try:
+        with _mapper(workers) as mapper:
+            results = mapper(_process, ((item, grayscale) for _, _, item in order))
+            bar = tqdm(results, total=len(order), desc="shard", unit="tile", file=sys.stderr, disable=not progress)
+            for (split, key, item), result in zip(order, bar):
+                if isinstance(result, str):
+                    written.skipped.append({"path": item.relative_path, "reason": result})
+                    continue
+                png, info = result
+                entry = by_folder[item.class_folder]
+                meta = {"source": item.relative_path, "class_name": entry["name"],
+                        "class_folder": entry["folder"], **info}
+                writers[split].write(key, {"cls": str(entry["index"]).encode("ascii"), "png": png,
+                                           "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+                written.per_class[split][entry["name"]] += 1
+                written.sizes["{}x{}".format(*info["orig_size"])] += 1
+        written.shards = {split: writer.close() for split, writer in writers.items()}
+    except BaseException:  # the staging folder is discarded; close its files now, not in the garbage collector
+        for writer in writers.values():
+            writer.abort()
+        raise
     return written
 
 

@@ -1,7 +1,9 @@
 """Stop requests: SIGUSR1/SIGTERM (SLURM's warning signal, a preemption) or a STOP file in the run folder.
 
 A trainer checks `requested()` once per step; all ranks agree through `any_rank`, finish the step,
-checkpoint and exit 0. The file form exists because a signal sent to a launcher (srun -> torchrun /
+checkpoint and exit 0. The handlers live only while the request is entered (`with StopRequest(...)`):
+left behind, a flag-only SIGTERM handler would make the process, and every process it forks later
+(a multiprocessing pool, whose shutdown relies on SIGTERM), ignore SIGTERM for good. The file form exists because a signal sent to a launcher (srun -> torchrun /
 accelerate launch) does not always reach the Python workers; a file on the shared run folder does.
 """
 
@@ -18,8 +20,18 @@ class StopRequest:
         self._flag = False
         self.reason = ""
         self.stop_file = Path(run_dir) / STOP_FILE if run_dir is not None else None
-        for sig in signals:
-            signal.signal(sig, self._handle)
+        self._signals = tuple(signals)
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in self._signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
     def _handle(self, signum, _frame) -> None:
         self._flag = True
