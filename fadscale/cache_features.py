@@ -90,8 +90,12 @@ def _encode_shard(url: str, out_path: Path, expert, card: dict, cfg: FadConfig, 
         tiles = torch.stack([decode_image(s["png"], card["in_chans"], card["input_size"]) for s in batch])
         views = torch.stack([apply_view(tiles, v) for v in range(NUM_VIEWS)], dim=1).flatten(0, 1).to(device)
         x = expert_input(views, card)
-        pooled = expert.features(x).float().view(len(batch), NUM_VIEWS, -1)
-        maps = expert.spatial_features(x).float() if spatial else None
+        if spatial:
+            pooled, maps = expert.features_and_map(x)
+            maps = maps.float()
+        else:
+            pooled, maps = expert.features(x), None
+        pooled = pooled.float().view(len(batch), NUM_VIEWS, -1)
         latents = None
         if vae is not None:
             rgb = torch.stack([decode_image(s["png"], 3, cfg.data.image_size) for s in batch])

@@ -258,8 +258,8 @@ def test_world_from_torchrun_variables_wins_over_slurm():
 
 
 def test_world_from_slurm_variables():
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
-           "SLURM_JOB_NODELIST": "gpu[07-09,12]"}
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+           "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-09,12]"}
     world = detect_world(env)
     assert (world.rank, world.world_size, world.local_rank, world.source) == (5, 8, 1, "slurm")
     assert world.master_addr == "gpu07"
@@ -274,8 +274,13 @@ def test_world_from_slurm_variables():
 
 def test_single_process_world():
     assert detect_world({}).source == "single"
-    one_task = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "n1"})
+    one_task = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1",
+                             "SLURM_JOB_NODELIST": "n1"})
     assert (one_task.world_size, one_task.rank, one_task.source) == (1, 0, "single")
+    # The batch script of a 2-task job, outside any srun step (the variables slurmd sets there).
+    batch_script = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+                                 "SLURM_JOB_NODELIST": "n1"})
+    assert (batch_script.world_size, batch_script.source) == (1, "single")
 
 
 @pytest.mark.parametrize("nodelist, host", [
@@ -310,6 +315,19 @@ def test_feature_dim_is_the_pooled_output_size():
     assert expert.features(x).shape == (2, expert.feature_dim)
     assert expert.spatial_features(x).shape[1] == expert.spatial_dim
     assert expert(x).shape == (2, 8)
+
+
+@pytest.mark.parametrize("arch", ["resnet10t", "mobilenetv3_small_050", "vit_tiny_patch16_224"])
+def test_one_pass_gives_the_pooled_feature_and_the_map(arch):
+    # The cache asks for both at once (repa) and must not pay two backbone passes for them.
+    torch.manual_seed(0)
+    expert = Expert(arch, 8, 3, 32, "mlp").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled, feature_map = expert.features_and_map(x)
+        assert torch.equal(pooled, expert.features(x))
+        assert torch.equal(feature_map, expert.spatial_features(x))
+    assert feature_map.shape[:2] == (2, expert.spatial_dim) and pooled.shape == (2, expert.feature_dim)
 
 
 def test_initial_weights_safetensors_and_timm_checkpoint(tmp_path: Path):

@@ -64,7 +64,14 @@ class Expert(nn.Module):
 
     def spatial_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map [B, D, h, w]; transformer tokens are reshaped to their grid."""
+        return self._as_map(self.backbone.forward_features(x))
+
+    def features_and_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`features(x)` and `spatial_features(x)` from one pass through the backbone."""
         out = self.backbone.forward_features(x)
+        return self.backbone.forward_head(out), self._as_map(out)
+
+    def _as_map(self, out: torch.Tensor) -> torch.Tensor:
         if out.ndim == 4:
             # Most timm models give NCHW; some (Swin, MaxViT, ...) give NHWC.
             if out.shape[1] != self.spatial_dim and out.shape[-1] == self.spatial_dim:

@@ -62,13 +62,16 @@ def detect_world(env: Mapping[str, str] | None = None) -> World:
             master_port=int(env.get("MASTER_PORT", 29500)),
             source="torchrun",
         )
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    # Only an srun step has its tasks running, and only a step sets SLURM_STEP_NUM_TASKS: the batch script
+    # itself also sees SLURM_PROCID=0 and SLURM_NTASKS=N (measured on slurm 22-24), and a `python -m ...`
+    # there is one process that must not wait for N - 1 peers that never start.
+    if "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
         job_id = int(env.get("SLURM_JOB_ID", "0"))
         return World(
             rank=int(env["SLURM_PROCID"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
-            world_size=int(env["SLURM_NTASKS"]),
+            world_size=int(env["SLURM_STEP_NUM_TASKS"]),
             master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
             # A port derived from the job id, so two jobs sharing a node do not collide.
             master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
