@@ -151,6 +151,8 @@ class AlignSection(Section):
     target: Literal["cached", "noisy-online"] = "cached"
     until_step: int | None = Field(None, ge=0, description="alignment stops after this step")
     repa_hidden: int = Field(512, ge=1, description="hidden width of the repa projector MLP")
+    center_target: bool = Field(False, description="seed projector: centre the expert features, no bias, so "
+                                "its learned target cannot collapse to one direction (off: the reference)")
 
 
 class FadTrainSection(Section):
@@ -176,6 +178,13 @@ class FadConfig(Section):
     optim: OptimSection = OptimSection(lr=1e-4, warmup_steps=100)
     train: FadTrainSection = FadTrainSection()
     checkpoint: CheckpointSection = CheckpointSection()
+
+    @model_validator(mode="after")
+    def _center_needs_seed(self) -> "FadConfig":
+        if self.align.center_target and self.align.projector != "seed":
+            raise ValueError(f"align.center_target applies to the seed projector only (projector is "
+                             f"{self.align.projector!r}, whose target, the expert's map, is not learned)")
+        return self
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

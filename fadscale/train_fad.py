@@ -64,8 +64,8 @@ class FadModel(nn.Module):
         feature = self.tap.pop()
         if expert_target is None:  # alignment switched off for this step (align.until_step)
             return prediction, None, None
-        align_loss, cosine = self.projector(feature, expert_target)
-        return prediction, align_loss, cosine
+        align_loss, diagnostics = self.projector(feature, expert_target)
+        return prediction, align_loss, diagnostics
 
 
 def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
@@ -145,7 +145,7 @@ class FadTrainer:
         if cfg.align.enabled:
             shape = probe_feature_shape(unet, cfg.align.layer, space_channels, sample_size)
             projector = build_projector(cfg.align.projector, self.card["feature_dim"], shape,
-                                        cfg.align.repa_hidden, cfg.align.layer)
+                                        cfg.align.repa_hidden, cfg.align.layer, cfg.align.center_target)
         else:
             get_module(unet, cfg.align.layer)  # a typo in the layer is still an error in the baseline
         if cfg.model.gradient_checkpointing:
@@ -232,7 +232,7 @@ class FadTrainer:
                 expert_target = self.online_expert.features(expert_input(noisy.float(), self.card))
 
         with self.accelerator.accumulate(self.model):
-            prediction, align_loss, cosine = self.model(noisy, timesteps, labels, drop, expert_target)
+            prediction, align_loss, diagnostics = self.model(noisy, timesteps, labels, drop, expert_target)
             per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             if cfg.noise.min_snr_gamma:
                 per_sample = per_sample * min_snr_weights(self.noise, timesteps, cfg.noise.min_snr_gamma,
@@ -250,7 +250,7 @@ class FadTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         metrics = {"loss/noise": noise_loss.item(), "loss/total": loss.item()}
         if align_loss is not None:
-            metrics.update({"loss/align": align_loss.item(), "align/cosine": cosine.item()})
+            metrics.update({"loss/align": align_loss.item(), **{k: v.item() for k, v in diagnostics.items()}})
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         return metrics

@@ -216,6 +216,12 @@ def test_checks_across_keys():
                        "at its own input size")
 
 
+def test_centred_target_needs_the_seed_projector():
+    message = error_of(FadConfig, None, ["align.projector=repa", "align.center_target=true"])
+    assert "align.center_target applies to the seed projector only" in message and "'repa'" in message
+    assert load_config(FadConfig, None, ["align.center_target=true"]).align.center_target
+
+
 def test_file_problems(tmp_path):
     missing = tmp_path / "nope.yaml"
     assert error_of(FadConfig, missing) == f"{missing}: config file not found"

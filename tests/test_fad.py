@@ -34,6 +34,45 @@ def _fad_model(checkpointing: bool, projector: str = "seed") -> FadModel:
     return model.train()
 
 
+def test_target_similarity_exposes_a_collapsed_seed_projector():
+    # The seed projector learns its own target: with its weight at zero every tile's target is the bias,
+    # and a UNet feature pointing the same way scores a perfect alignment that says nothing about the tile.
+    head = build_projector("seed", 24, torch.Size([1, 8, 4, 4]), 16, LAYER)
+    expert = torch.randn(6, 24, generator=torch.Generator().manual_seed(0))
+    _, spread = head(torch.randn(6, 8, 4, 4), expert)
+    assert spread["align/target_similarity"] < 0.5  # random init: distinct targets
+    with torch.no_grad():
+        head.proj.weight.zero_()
+        head.proj.bias.copy_(torch.linspace(-1, 1, 8))
+    unet_feature = head.proj.bias.view(1, 8, 1, 1).expand(6, 8, 4, 4)
+    loss, collapsed = head(unet_feature, expert)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert collapsed["align/cosine"].item() == pytest.approx(1.0, abs=1e-6)
+    assert collapsed["align/target_similarity"].item() == pytest.approx(1.0, abs=1e-6)
+    assert "align/target_similarity" not in head(unet_feature[:1], expert[:1])[1]  # one tile: no pairs
+
+
+def test_centred_seed_projector_subtracts_a_running_mean_and_has_no_bias():
+    head = build_projector("seed", 4, torch.Size([1, 3, 2, 2]), 16, LAYER, center_target=True)
+    assert head.proj.bias is None  # a bias is a constant target the loss could settle on
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(5, 4, generator=gen) + 3.0 for _ in range(3)]
+    for batch in batches:
+        head(torch.randn(5, 3, 2, 2), batch)
+    torch.testing.assert_close(head.feature_mean, torch.cat(batches).mean(0))  # early on: the plain mean
+    head.eval()
+    head(torch.randn(5, 3, 2, 2), batches[0] + 100.0)
+    torch.testing.assert_close(head.feature_mean, torch.cat(batches).mean(0))  # eval: frozen
+    # What is projected is the feature minus that mean: the Linear sees centred inputs.
+    unit = torch.zeros(1, 3, 2, 2)
+    unit[:, 0] = 1.0
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.eye(3, 4))
+    _, diagnostics = head(unit.expand(2, -1, -1, -1), head.feature_mean.expand(2, 4) + torch.eye(2, 4))
+    assert diagnostics["align/target_similarity"].item() == pytest.approx(0.0, abs=1e-6)
+    assert set(head.state_dict()) == {"proj.weight", "feature_mean", "batches_seen"}
+
+
 @pytest.mark.parametrize("projector", ["seed", "repa"])
 def test_gradient_checkpointing_gives_same_loss_and_gradients(projector):
     gen = torch.Generator().manual_seed(1)
@@ -44,7 +83,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(projector):
     results = []
     for checkpointing in (False, True):
         model = _fad_model(checkpointing, projector)
-        prediction, align_loss, cosine = model(noisy, timesteps, labels, None, target)
+        prediction, align_loss, _ = model(noisy, timesteps, labels, None, target)
         loss = prediction.pow(2).mean() + align_loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -100,16 +139,17 @@ def test_two_process_run_learns_and_ranks_stay_in_sync(method, tiny_shards, tiny
 
 
 def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_shards, tiny_expert, tmp_path):
+    # With the centred seed projector, whose running mean (a buffer, not a parameter) must resume too.
     cache = tmp_path / "cache"
     full = fad_config(tiny_shards, tiny_expert, tmp_path / "full", cache, train__max_steps=6,
-                      checkpoint__every=3, train__label_dropout=0.2)
+                      checkpoint__every=3, train__label_dropout=0.2, align__center_target=True)
     FadTrainer(full).train()
     # A run that died after its step-3 checkpoint: only that checkpoint survives.
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "full/checkpoints/step-00000003", resumed_dir / "checkpoints/step-00000003")
     resumed = fad_config(tiny_shards, tiny_expert, resumed_dir, cache, train__max_steps=6,
-                         checkpoint__every=3, train__label_dropout=0.2)
+                         checkpoint__every=3, train__label_dropout=0.2, align__center_target=True)
     FadTrainer(resumed).train()
     full_log = {r["step"]: r for r in read_metrics(tmp_path / "full")}
     resumed_log = {r["step"]: r for r in read_metrics(resumed_dir)}

@@ -90,6 +90,9 @@ ABLATIONS = {
                         "align.layer=down_blocks.1.resnets.0.conv_shortcut"],
     "fad-seed-online": ["align.enabled=true", "align.projector=seed", "align.target=noisy-online"],
     "fad-repa-w0.1": ["align.enabled=true", "align.projector=repa", "align.weight=0.1"],
+    # The seed projector's learned target collapses to one direction (align/target_similarity ~1);
+    # centred expert features and no bias leave it no constant to collapse onto.
+    "fad-seed-centred": ["align.enabled=true", "align.projector=seed", "align.center_target=true"],
 }
 
 PRESETS = {
@@ -307,6 +310,9 @@ def _record(result: dict, arm: str, seed: int) -> dict:
             "train_s": result["timings"].get(f"train {arm}-s{seed}"),
             "final_noise_loss": card.get("final_metrics", {}).get("loss/noise"),
             "final_align_cosine": card.get("final_metrics", {}).get("align/cosine"),
+            # ~1: the alignment targets of different tiles point one way (a collapsed seed projector).
+            "final_target_similarity": card.get("final_metrics", {}).get("align/target_similarity"),
+            "unet": card.get("config", {}).get("model", {}).get("preset"),
             "sample_s_per_image": manifest["timing"]["s_per_image"], "generated": manifest["count"],
             "run": str(result["run"])}
 
@@ -323,6 +329,7 @@ def assemble(args, preset, plan, prepared, runs, arms, ablations, sampler, timin
         per_arm[arm]["train_s"] = summary([r["train_s"] for r in rows])
         per_arm[arm]["final_noise_loss"] = summary([r["final_noise_loss"] for r in rows])
         per_arm[arm]["final_align_cosine"] = summary([r["final_align_cosine"] for r in rows])
+        per_arm[arm]["final_target_similarity"] = summary([r.get("final_target_similarity") for r in rows])
         per_arm[arm]["seeds"] = [r["seed"] for r in rows]
     vanilla_by_seed = {r["seed"]: r["metrics"] for r in of("vanilla")}
     differences = {}
@@ -354,7 +361,7 @@ def assemble(args, preset, plan, prepared, runs, arms, ablations, sampler, timin
                   "sampler": {"scheduler": args.scheduler, "steps": args.sampler_steps},
                   "utility": bool(args.utility), "fad_overrides": plan.fad_overrides,
                   "expert_overrides": plan.expert_overrides, "arms": {**arms, **ablations},
-                  "unet": "cpu-small (configs/tiny/fad.yaml)", "layer": LAYER,
+                  "unet": runs[0]["unet"] if runs else None, "layer": LAYER,
                   "cached_expert_arrays": arrays,  # per tile: [8 views, D] pooled, [8, D, h, w] spatial
                   "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
                   "out": str(plan.out)},
@@ -387,12 +394,14 @@ def print_table(result: dict) -> None:
           + (f", real-only utility {_num(ref['utility_real_only'])}" if ref.get("utility_real_only") is not None else ""))
     print()
     width = 24
-    header = f"{'arm':<18}" + "".join(f"{label:>{width}}" for _, label in keys) + f"{'train s':>{width}}"
-    print("per arm: mean +/- std over seeds")
+    header = f"{'arm':<18}" + "".join(f"{label:>{width}}" for _, label in keys) + f"{'train s':>{width}}" \
+        + f"{'align target sim.':>{width}}"
+    print(f"per arm: mean +/- std over seeds ({setup['unet']} UNet; align target sim. ~1: the alignment targets "
+          "of different tiles coincide)")
     print(header)
     for arm, entry in result["arms"].items():
         print(f"{arm:<18}" + "".join(f"{_pm(entry[k], _digits(k)):>{width}}" for k, _ in keys)
-              + f"{_pm(entry['train_s'], 1):>{width}}")
+              + f"{_pm(entry['train_s'], 1):>{width}}" + f"{_pm(entry['final_target_similarity'], 3):>{width}}")
     print()
     print("paired FAD - vanilla (same seed): mean +/- std [seeds better / n]")
     print(f"{'arm':<18}" + "".join(f"{label:>{width}}" for _, label in keys))
