@@ -101,21 +101,22 @@ ABLATIONS = {
 }
 
 PRESETS = {
-    # Procedural grayscale tiles at 32x32, the cpu-small UNet (configs/tiny): 3 seeds x 3 arms.
-    # Sized from the demo's stage costs on 2 idle cores (see main()'s docstring); not yet run in full.
+    # Procedural grayscale tiles at 32x32, the cpu-tiny UNet of configs/tiny/fad.yaml: 3 seeds x 3 arms
+    # (~30 min on 2 cores with --utility; ~58 min with --ablate --ablate-seeds 2).
     "cpu": dict(
         source="procedural:per_class=96,size=32,seed=0", image_size=32, seeds=[0, 1, 2], steps=300, batch=16,
         per_class=24, expert=[], fad=["optim.lr=1e-3", "optim.warmup_steps=20", "train.ema_decay=0.99"],
         sampler_row_per_class=8, ddpm_steps=1000, eval_batch=64, sample_batch=64),
     # Procedural 64x64, 4x the tiles, the cpu-small UNet at batch 128 for 1000 steps, bf16 (a step of this
-    # small UNet is kernel-launch bound on an H100, so the larger batch costs little). Not yet run.
+    # small UNet is kernel-launch bound on an H100, so the larger batch costs little). Not yet run: no
+    # GPU time was left to the session that wrote it.
     "gpu": dict(
         source="procedural:per_class=256,size=64,seed=0", image_size=64, seeds=[0, 1, 2], steps=1000, batch=128,
         per_class=64,
         # The experts see the tiles at 128 px (resnet10t: a 4x4 spatial map for repa; at 64 px it is 2x2).
         expert=["train.epochs=8", "data.batch_size=64", "data.image_size=128", "model.input_size=128"],
-        fad=["optim.lr=1e-3", "optim.warmup_steps=50", "train.ema_decay=0.995", "train.mixed_precision=auto",
-             "train.log_every=50"],
+        fad=["model.preset=cpu-small", "optim.lr=1e-3", "optim.warmup_steps=50", "train.ema_decay=0.995",
+             "train.mixed_precision=auto", "train.log_every=50"],
         sampler_row_per_class=16, ddpm_steps=1000, eval_batch=256, sample_batch=256),
     # The 127 real tiles (centre-cropped square and resized to 32 px by the loader), one seed: a sanity
     # check that the pipeline runs on real files; far too few tiles to judge FAD.
