@@ -102,7 +102,8 @@ ABLATIONS = {
 
 PRESETS = {
     # Procedural grayscale tiles at 32x32, the cpu-tiny UNet of configs/tiny/fad.yaml: 3 seeds x 3 arms
-    # (~30 min on 2 cores with --utility; ~58 min with --ablate --ablate-seeds 2).
+    # (measured with --utility: 59 min on 2 cores with --ablate --ablate-seeds 2 and the five variants
+    # before fad-seed-centred; the arms alone about half of that).
     "cpu": dict(
         source="procedural:per_class=96,size=32,seed=0", image_size=32, seeds=[0, 1, 2], steps=300, batch=16,
         per_class=24, expert=[], fad=["optim.lr=1e-3", "optim.warmup_steps=20", "train.ema_decay=0.99"],
@@ -309,15 +310,16 @@ def run_bench(args) -> dict:
 def _record(result: dict, arm: str, seed: int) -> dict:
     report, manifest = result["report"], result["manifest"]
     card = json.loads((Path(result["run"]) / "final" / "run_card.json").read_text())
+    final = card.get("final_metrics", {})
     return {"arm": arm, "seed": seed, "metrics": metrics_of(report),
             "real": {"diversity": report_value(report, ("diversity", "mean", "real")),
                      "evaluator_accuracy": report_value(report, ("real_accuracy", "overall")),
                      "utility_real_only": report_value(report, ("utility", "setups", "real", "overall"))},
             "train_s": result["timings"].get(f"train {arm}-s{seed}"),
-            "final_noise_loss": card.get("final_metrics", {}).get("loss/noise"),
-            "final_align_cosine": card.get("final_metrics", {}).get("align/cosine"),
+            "final_noise_loss": final.get("loss/noise"),
+            "final_align_cosine": final.get("align/cosine"),
             # ~1: the alignment targets of different tiles point one way (a collapsed seed projector).
-            "final_target_similarity": card.get("final_metrics", {}).get("align/target_similarity"),
+            "final_target_similarity": final.get("align/target_similarity"),
             "unet": card.get("config", {}).get("model", {}).get("preset"),
             "sample_s_per_image": manifest["timing"]["s_per_image"], "generated": manifest["count"],
             "run": str(result["run"])}

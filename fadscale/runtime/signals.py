@@ -3,8 +3,9 @@
 A trainer checks `requested()` once per step; all ranks agree through `any_rank`, finish the step,
 checkpoint and exit 0. The handlers live only while the request is entered (`with StopRequest(...)`):
 left behind, a flag-only SIGTERM handler would make the process, and every process it forks later
-(a multiprocessing pool, whose shutdown relies on SIGTERM), ignore SIGTERM for good. The file form exists because a signal sent to a launcher (srun -> torchrun /
-accelerate launch) does not always reach the Python workers; a file on the shared run folder does.
+(a multiprocessing pool, whose shutdown relies on SIGTERM), ignore SIGTERM for good. The file form
+exists because a signal sent to a launcher (srun -> torchrun / accelerate launch) does not always
+reach the Python workers; a file on the shared run folder does.
 """
 
 from __future__ import annotations
