@@ -72,6 +72,20 @@ def target_similarity(target: torch.Tensor) -> torch.Tensor:
     return (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
 
 
+def top_direction_share(targets: torch.Tensor) -> float:
+    """The collapse diagnostic: the share of the unit-normalised targets' second moment (not centred) that
+    lies along its top principal direction, over many tiles (>= 256 in the run card).
+
+    1.0: every tile's target points one way (or its opposite), so a cosine loss asks the same of every
+    tile; ~1/D for directions spread over D dimensions. Unlike the in-batch cosine of a centred target
+    (about -1/(n-1) whatever it holds), it is high for a target collapsed onto a line through the origin.
+    """
+    unit = F.normalize(targets.detach().float().flatten(1), dim=1)
+    gram = unit @ unit.T / unit.shape[0]  # n x n: the same non-zero eigenvalues as the D x D second moment
+    eigenvalues = torch.linalg.eigvalsh(gram.double())
+    return float(eigenvalues[-1] / eigenvalues.sum())
+
+
 class SeedProjector(nn.Module):
     """Expert pooled feature [B, D] -> UNet channels; compared with the pooled UNet feature.
 
@@ -94,14 +108,19 @@ class SeedProjector(nn.Module):
         pooled = unet_feature.mean(dim=(2, 3))
         # Inputs in the projector's dtype: fp32 normally, bf16 when DeepSpeed keeps bf16 weights.
         expert_feature = expert_feature.to(self.proj.weight.dtype)
+        if self.center and self.training:
+            with torch.no_grad():  # a cumulative mean at first, then an EMA over the last ~100 batches
+                self.batches_seen += 1
+                rate = max(1.0 / float(self.batches_seen), 0.01)
+                self.feature_mean.lerp_(expert_feature.float().mean(0).to(self.feature_mean.dtype), rate)
+        return _cosine_loss(pooled, self.targets(expert_feature))
+
+    def targets(self, expert_feature: torch.Tensor) -> torch.Tensor:
+        """What the pooled UNet feature is pulled towards, per tile [B, C]."""
+        expert_feature = expert_feature.to(self.proj.weight.dtype)
         if self.center:
-            if self.training:
-                with torch.no_grad():  # a cumulative mean at first, then an EMA over the last ~100 batches
-                    self.batches_seen += 1
-                    rate = max(1.0 / float(self.batches_seen), 0.01)
-                    self.feature_mean.lerp_(expert_feature.float().mean(0).to(self.feature_mean.dtype), rate)
             expert_feature = expert_feature - self.feature_mean.to(expert_feature.dtype)
-        return _cosine_loss(pooled, self.proj(expert_feature))
+        return self.proj(expert_feature)
 
 
 class RepaProjector(nn.Module):
@@ -119,10 +138,15 @@ class RepaProjector(nn.Module):
 
     def forward(self, unet_feature: torch.Tensor, expert_map: torch.Tensor):
         prediction = self.mlp(unet_feature.to(self.mlp[0].weight.dtype))
-        target = F.interpolate(expert_map.float(), size=prediction.shape[-2:], mode="bilinear",
-                               align_corners=False, antialias=True) \
-            if expert_map.shape[-2:] != prediction.shape[-2:] else expert_map.float()
-        return _cosine_loss(prediction, target)
+        return _cosine_loss(prediction, self.targets(expert_map, prediction.shape[-2:]))
+
+    @staticmethod
+    def targets(expert_map: torch.Tensor, grid: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
+        """The expert's map resized to the UNet's grid [B, D, h, w]: fixed, nothing learned in it."""
+        if grid is None or expert_map.shape[-2:] == tuple(grid):
+            return expert_map.float()
+        return F.interpolate(expert_map.float(), size=tuple(grid), mode="bilinear", align_corners=False,
+                             antialias=True)
 
 
 def build_projector(kind: str, expert_dim: int, feature_shape: torch.Size, hidden: int, layer: str,

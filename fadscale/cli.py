@@ -53,10 +53,15 @@ def _launch(module: str, config: Optional[Path], overrides: list[str] | None, np
 
 
 @app.callback(invoke_without_command=True)
-def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+          threads: Optional[int] = typer.Option(
+              None, "--threads", min=1, envvar="FADSCALE_THREADS",
+              help="Torch CPU threads per process (default: the CPUs available / processes per node).")) -> None:
     if version:
         typer.echo(f"fadscale {__version__}")
         raise typer.Exit(0)
+    if threads is not None:  # the stages run in child processes too: they read it from the environment
+        os.environ["FADSCALE_THREADS"] = str(threads)
 
 
 @app.command("shard-data")
@@ -215,8 +220,10 @@ def demo(
     Example: fadscale demo --out demo-out   (or --data ../shared/data/kather16-sample for your own tiles)
     """
     from fadscale.demo import run_demo
+    from fadscale.runtime.distributed import set_cpu_threads
 
     try:
+        set_cpu_threads()
         report = run_demo(out, data=data, overwrite=overwrite, quick=quick)
     except FadscaleError as exc:
         _fail(exc)

@@ -74,7 +74,11 @@ class ClassConditioning(nn.Module):
     def null_index(self) -> int:
         return self.num_classes
 
+    def labels(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """The labels with the dropped ones replaced by the null class (for the UNet's class embedding)."""
+        if drop is None:
+            return labels
+        return torch.where(drop, torch.full_like(labels, self.null_index), labels)
+
     def forward(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
-        if drop is not None:
-            labels = torch.where(drop, torch.full_like(labels, self.null_index), labels)
-        return self.table[labels]
+        return self.table[self.labels(labels, drop)]

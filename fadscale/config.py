@@ -118,6 +118,8 @@ class ConditioningSection(Section):
         None, description="local CLIP folder (or hub id when online); None: learned class embeddings"
     )
     prompt: str = "a histological image of {name} tissue"
+    class_embedding: bool = Field(True, description="add a learned class embedding to the UNet's timestep "
+                                  "embedding (plus a null class for guidance), beside the cross-attention token")
 
 
 class CacheSection(Section):
@@ -127,7 +129,7 @@ class CacheSection(Section):
 
 
 class ModelSection(Section):
-    preset: Literal["tiny-sd", "cpu-small", "cpu-tiny"] = "tiny-sd"
+    preset: Literal["tiny-sd", "cpu-base", "cpu-small", "cpu-tiny"] = "tiny-sd"
     pretrained: str | None = Field(None, description="diffusers UNet folder (or hub id when online)")
     space: Literal["pixel", "latent"] = "pixel"
     vae: str | None = Field(None, description="diffusers VAE folder, for space: latent")
@@ -139,8 +141,12 @@ class ModelSection(Section):
 class NoiseSection(Section):
     num_train_timesteps: int = Field(1000, ge=1)
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "v_prediction", description="v_prediction learns class-level brightness and layout at high noise, where "
+        "epsilon's clean-image estimate is noise-dominated (the reference: epsilon)")
     min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting; None: off")
+    timestep_spacing: Literal["trailing", "leading", "linspace"] = Field(
+        "trailing", description="samplers' timestep spacing; trailing starts from the last training step (pure noise)")
 
 
 class AlignSection(Section):
@@ -148,7 +154,10 @@ class AlignSection(Section):
     layer: str = "down_blocks.2.resnets.0.conv_shortcut"
     projector: Literal["seed", "repa"] = "seed"
     weight: float = Field(1.0, ge=0)
-    target: Literal["cached", "noisy-online"] = "cached"
+    target: Literal["cached", "noisy-online", "noisy-reference"] = Field(
+        "cached", description="cached: the expert's feature of the clean tile (same view), computed once; "
+        "noisy-online: of the noisy input, every step; noisy-reference: as the reference (noisy input in [0, 1], "
+        "not normalised, expert BatchNorm in train mode)")
     until_step: int | None = Field(None, ge=0, description="alignment stops after this step")
     repa_hidden: int = Field(512, ge=1, description="hidden width of the repa projector MLP")
     center_target: bool = Field(False, description="seed projector: centre the expert features, no bias, so "
@@ -166,6 +175,19 @@ class FadTrainSection(Section):
     nan_tolerance: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
 
 
+class EvalSection(Section):
+    """Learning curves: every `every` steps the trainer samples a fixed small set (the same seeds each time)
+    with the fast sampler and scores it with an independent evaluator (generation accuracy, Frechet
+    distance against the real val tiles), into TensorBoard and metrics.jsonl."""
+
+    every: int | None = Field(None, ge=1, description="steps between evaluations; None: off")
+    evaluator: str | None = Field(None, description="the evaluator's card (an expert on the other half of the "
+                                  "tiles); required when eval.every is set")
+    per_class: int = Field(8, ge=2, description="generated tiles per class at each evaluation")
+    scheduler: Literal["dpm++", "ddim"] = "dpm++"
+    steps: int = Field(15, ge=1, description="sampler steps")
+
+
 class FadConfig(Section):
     run: RunSection = RunSection(out_dir="runs/fad")
     data: DataSection = DataSection()
@@ -177,6 +199,7 @@ class FadConfig(Section):
     align: AlignSection = AlignSection()
     optim: OptimSection = OptimSection(lr=1e-4, warmup_steps=100)
     train: FadTrainSection = FadTrainSection()
+    eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
 
     @model_validator(mode="after")
@@ -184,6 +207,13 @@ class FadConfig(Section):
         if self.align.center_target and self.align.projector != "seed":
             raise ValueError(f"align.center_target applies to the seed projector only (projector is "
                              f"{self.align.projector!r}, whose target, the expert's map, is not learned)")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_needs_evaluator(self) -> "FadConfig":
+        if self.eval.every is not None and not self.eval.evaluator:
+            raise ValueError("eval.every is set but eval.evaluator is not: name the evaluator's card (an expert "
+                             "trained on the other half of the tiles, e.g. train-expert with data.subset=B)")
         return self
 
 

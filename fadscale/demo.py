@@ -21,21 +21,50 @@ from fadscale.runtime.io import FadscaleError, atomic_write_bytes, atomic_write_
 from fadscale.runtime.logging import read_metrics
 
 # Seconds per stage measured on a 2-core CPU (for the ETA only).
-EXPECTED_SECONDS = {"shard": 5, "expert A (alignment)": 40, "expert B (evaluator)": 40, "feature cache": 15,
-                    "train vanilla": 60, "sample vanilla": 10, "evaluate vanilla": 25,
-                    "train fad": 70, "sample fad": 10, "evaluate fad": 25}
+EXPECTED_SECONDS = {"shard": 5, "expert A (alignment)": 20, "expert B (evaluator)": 20, "feature cache": 5,
+                    "train vanilla": 130, "sample vanilla": 35, "evaluate vanilla": 20,
+                    "train fad": 140, "sample fad": 35, "evaluate fad": 20}
+# The demo's sampler and learning-curve cadence (README, "Class-faithful tiles", for what they buy).
+SAMPLER = {"sample__scheduler": "dpm++", "sample__steps": 25}
+EVAL_EVERY = 100
 
-METRICS = [  # (label, path in the evaluation report, higher is better)
-    ("generation accuracy", ("generation_accuracy", "overall"), True),
-    ("SSIM diversity (1 - mean SSIM)", ("diversity", "mean", "generated"), True),
+METRICS = [  # (label, path in the evaluation report, higher is better; None: closest to the real tiles)
+    ("generation accuracy (evaluator top-1)", ("generation_accuracy", "overall"), True),
+    ("evaluator accuracy on real val tiles (reference)", ("real_accuracy", "overall"), True),
     ("Frechet distance (evaluator features)", ("distances", "overall", "frechet"), False),
+    ("Frechet, real train vs real val (reference)", ("distances", "reference", "frechet"), False),
+    ("Frechet ratio (generated / reference)", ("distances", "frechet_ratio"), False),
     ("KID", ("distances", "overall", "kid"), False),
     ("precision", ("distances", "overall", "precision"), True),
     ("recall", ("distances", "overall", "recall"), True),
+    ("largest class intensity gap (vs real)", ("intensity", "max_abs_gap"), False),
+    ("SSIM diversity (1 - mean SSIM)", ("diversity", "mean", "generated"), None),
+    ("SSIM diversity of real val tiles (reference)", ("diversity", "mean", "real"), None),
     ("train-on-synthetic accuracy (real val)", ("utility", "setups", "synthetic", "overall"), True),
     ("real + synthetic accuracy (real val)", ("utility", "setups", "real+synthetic", "overall"), True),
     ("real-only accuracy (real val, reference)", ("utility", "setups", "real", "overall"), True),
 ]
+
+# The bar a demo run is held to (issue "Tiles that look like their class"): (label, check, shown bar).
+def quality_bar(report: dict) -> list[tuple[str, float | None, str, bool | None]]:
+    """(what, measured, bar, passed) for one arm's evaluation report."""
+    acc = report_value(report, ("generation_accuracy", "overall"))
+    real = report_value(report, ("real_accuracy", "overall"))
+    ratio = report_value(report, ("distances", "frechet_ratio"))
+    gap = report_value(report, ("intensity", "max_abs_gap"))
+    syn = report_value(report, ("utility", "setups", "synthetic", "overall"))
+    bar_acc = max(real or 0.0, 0.75)
+
+    def check(value, ok):
+        return None if value is None else bool(ok(value))
+
+    return [
+        ("generation accuracy", acc, f">= {bar_acc:.3f} (the evaluator's real-tile accuracy, and 0.75)",
+         check(acc, lambda v: v >= bar_acc)),
+        ("Frechet / real-vs-real Frechet", ratio, "<= 2", check(ratio, lambda v: v <= 2.0)),
+        ("largest per-class intensity gap", gap, "<= 0.05", check(gap, lambda v: v <= 0.05)),
+        ("train-on-synthetic accuracy", syn, ">= 0.60", check(syn, lambda v: v >= 0.60)),
+    ]
 
 
 def _png(fig) -> bytes:
@@ -47,21 +76,25 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def loss_curves(runs: dict[str, Path]) -> bytes:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def loss_curves(runs: dict[str, Path]) -> bytes:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     for arm, folder in runs.items():
-        records = read_metrics(folder)
-        steps = [r["step"] for r in records]
-        axes[0].plot(steps, [r["loss/noise"] for r in records], label=arm)
-        if any("loss/align" in r for r in records):
-            axes[1].plot([r["step"] for r in records if "loss/align" in r],
-                         [r["loss/align"] for r in records if "loss/align" in r], label=arm)
-    axes[0].set_title("noise loss (MSE)")
+        records = [r for r in read_metrics(folder) if "loss/noise" in r]
+        axes[0].plot([r["step"] for r in records], [r["loss/noise"] for r in records], label=arm)
+        aligned = [r for r in records if "loss/align" in r]
+        if aligned:
+            axes[1].plot([r["step"] for r in aligned], [r["loss/align"] for r in aligned], label=arm)
+    axes[0].set_title("noise loss (MSE, lower is better)")
     axes[1].set_title("alignment loss (1 - cosine)")
     for ax in axes:
         ax.set_xlabel("step")
@@ -71,13 +104,38 @@ def loss_curves(runs: dict[str, Path]) -> bytes:
     return _png(fig)
 
 
-def comparison_grid(result: dict, per_row: int = 6) -> bytes:
-    """One row per class: real val tiles | vanilla samples | FAD samples."""
-    import matplotlib
+def curve_points(folder: Path) -> list[dict]:
+    """The learning-curve points of a run (eval.every): step, generation accuracy, Frechet."""
+    return [r for r in read_metrics(folder) if "eval/generation_accuracy" in r]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def learning_curves(runs: dict[str, Path], real_accuracy: float | None) -> bytes | None:
+    """Generation accuracy and Frechet distance against training steps, one line per arm."""
+    points = {arm: curve_points(folder) for arm, folder in runs.items()}
+    if not any(points.values()):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for arm, rows in points.items():
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["eval/generation_accuracy"] for r in rows], marker="o", label=arm)
+        axes[1].plot(steps, [r["eval/frechet"] for r in rows], marker="o", label=arm)
+    if real_accuracy is not None:
+        axes[0].axhline(real_accuracy, color="gray", linestyle="--", label="evaluator on real tiles")
+    axes[0].set_title("generation accuracy (higher is better)")
+    axes[1].set_title("Frechet distance, evaluator features (lower is better)")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def comparison_grid(result: dict, per_row: int = 8) -> bytes:
+    """One row per class: real val tiles | each arm's samples (large enough to see the tissue)."""
+    plt = _pyplot()
     from fadscale.evaluate import load_real_tiles, load_sample_set
 
     reports = result["reports"]
@@ -87,24 +145,25 @@ def comparison_grid(result: dict, per_row: int = 6) -> bytes:
                                        max_per_class=per_row)}
     for arm in reports:
         columns[arm] = load_sample_set(result["out"] / f"samples-{arm}", classes)[2]
-    fig, axes = plt.subplots(len(classes), len(columns), figsize=(3.2 * len(columns), 0.62 * len(classes) + 0.5))
+    fig, axes = plt.subplots(len(classes), len(columns), figsize=(4.6 * len(columns), 0.62 * len(classes) + 0.6),
+                             squeeze=False)
     for row, name in enumerate(classes):
         for col, (label, tiles) in enumerate(columns.items()):
             strip = tiles[name][:per_row]
             image = torch.cat(list(strip), dim=-1)[0].numpy()
             ax = axes[row, col]
-            ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+            ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(label)
             if col == 0:
-                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
     fig.tight_layout()
     return _png(fig)
 
 
-def metrics_rows(reports: dict) -> list[tuple[str, float | None, float | None, float | None, bool]]:
+def metrics_rows(reports: dict) -> list[tuple[str, float | None, float | None, float | None, bool | None]]:
     rows = []
     for label, path, higher in METRICS:
         vanilla, fad = report_value(reports.get("vanilla", {}), path), report_value(reports.get("fad", {}), path)
@@ -113,43 +172,87 @@ def metrics_rows(reports: dict) -> list[tuple[str, float | None, float | None, f
     return rows
 
 
+def per_class_rows(reports: dict) -> list[list[str]]:
+    """class | real intensity | per arm: generation accuracy, intensity gap."""
+    first = next(iter(reports.values()))
+    rows = []
+    for name in first["classes"]:
+        real = report_value(first, ("intensity", "per_class", name, "real"))
+        row = [name, _fmt(report_value(first, ("real_accuracy", "per_class", name))), _fmt(real)]
+        for report in reports.values():
+            row += [_fmt(report_value(report, ("generation_accuracy", "per_class", name))),
+                    _fmt(report_value(report, ("intensity", "per_class", name, "gap")))]
+        rows.append(row)
+    return rows
+
+
 def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:+.4f}" if isinstance(value, float) and value < 0 else \
-        (f"{value:.4f}" if value is not None else "n/a")
+    return "n/a" if value is None else f"{value:+.3f}" if isinstance(value, float) and value < 0 else \
+        (f"{value:.3f}" if value is not None else "n/a")
+
+
+def _direction(higher: bool | None) -> str:
+    return "higher" if higher else "lower" if higher is False else "close to real"
+
+
+def _verdict(diff: float | None, higher: bool | None) -> str:
+    if diff is None or higher is None or diff == 0:
+        return ""
+    return " (better)" if (diff > 0) == higher else " (worse)"
 
 
 def write_report(result: dict, out: Path, total_seconds: float, command: str) -> Path:
     reports = result["reports"]
+    runs = {arm: out / arm for arm in reports}
     alignment_card = json.loads(Path(result["alignment_expert"]).read_text())
     evaluator_card = json.loads(Path(result["evaluator"]).read_text())
+    real_accuracy = report_value(next(iter(reports.values())), ("real_accuracy", "overall"))
     images = {
         "samples": comparison_grid(result),
-        "losses": loss_curves({arm: out / arm for arm in reports}),
+        "losses": loss_curves(runs),
         "confusion": (Path(result["alignment_expert"]).parent / "confusion.png").read_bytes(),
     }
+    curves = learning_curves(runs, real_accuracy)
+    if curves is not None:
+        images["curves"] = curves
     for name, data in images.items():
         atomic_write_bytes(out / f"report-{name}.png", data)
     rows = metrics_rows(reports)
-    real_div = report_value(next(iter(reports.values())), ("diversity", "mean", "real"))
+    arms = list(reports)
+    bars = {arm: quality_bar(report) for arm, report in reports.items()}
     timings = result["timings"]
+    class_rows = per_class_rows(reports)
+    class_header = ["class", "evaluator on real", "real intensity"] + \
+        [f"{arm} {what}" for arm in arms for what in ("gen. accuracy", "intensity gap")]
 
+    def bar_cell(arm: str, i: int) -> str:
+        _, value, _, passed = bars[arm][i]
+        return f"{_fmt(value)} {'pass' if passed else 'FAIL' if passed is False else ''}".strip()
+
+    bar_names = [(what, bar) for what, _, bar, _ in next(iter(bars.values()))]
     md = [f"# fadscale demo report\n",
           f"fadscale {__version__}; {time.strftime('%Y-%m-%d %H:%M')}; {torch.get_num_threads()} CPU threads; "
           f"total {total_seconds:.0f} s.\n",
-          "Vanilla = plain fine-tuning; FAD = the same plus the feature-alignment loss. Both use the same "
+          "Vanilla = plain training; FAD = the same plus the feature-alignment loss. Both use the same "
           "seed, steps, batch and sampler. Scored by an evaluator trained on tiles (split B) that the "
-          "alignment expert (split A) never saw.\n",
-          "## Metrics\n", "| metric | vanilla | FAD | FAD - vanilla |", "|---|---|---|---|"]
+          "alignment expert (split A) never saw, against real val tiles that no model trained on.\n",
+          "## Class-faithful? The bar\n", "| check | bar | " + " | ".join(arms) + " |",
+          "|---|---|" + "---|" * len(arms)]
+    md += [f"| {what} | {bar} | " + " | ".join(bar_cell(arm, i) for arm in arms) + " |"
+           for i, (what, bar) in enumerate(bar_names)]
+    md += ["\n## Metrics\n", "| metric | better | vanilla | FAD | FAD - vanilla |", "|---|---|---|---|---|"]
     for label, vanilla, fad, diff, higher in rows:
-        arrow = "" if diff is None else (" (better)" if (diff > 0) == higher and diff != 0 else " (worse)" if diff else "")
-        md.append(f"| {label} | {_fmt(vanilla)} | {_fmt(fad)} | {_fmt(diff)}{arrow} |")
-    md += [f"\nReal val tiles' SSIM diversity (reference point): {_fmt(real_div)}.",
-           f"Alignment expert ({alignment_card['arch']}, split A) val accuracy: {alignment_card['val_accuracy']:.3f}; "
+        md.append(f"| {label} | {_direction(higher)} | {_fmt(vanilla)} | {_fmt(fad)} | {_fmt(diff)}{_verdict(diff, higher)} |")
+    md += [f"\nAlignment expert ({alignment_card['arch']}, split A) val accuracy: {alignment_card['val_accuracy']:.3f}; "
            f"evaluator ({evaluator_card['arch']}, split B): {evaluator_card['val_accuracy']:.3f}.\n",
-           "A demo-sized run (tiny models, minutes of CPU) is a smoke test of the pipeline, not evidence "
-           "for or against FAD: see tools/bench_quality.py for the seeded experiment.\n",
-           "## Samples (real | vanilla | FAD)\n", "![samples](report-samples.png)\n",
-           "## Loss curves\n", "![losses](report-losses.png)\n",
+           "One seed of a demo-sized run shows what the pipeline makes; it is not evidence for or against FAD: "
+           "tools/bench_quality.py runs the seeded experiment (README).\n",
+           "## Per class\n", "| " + " | ".join(class_header) + " |", "|" + "---|" * len(class_header)]
+    md += ["| " + " | ".join(row) + " |" for row in class_rows]
+    md += ["\n## Samples (real | " + " | ".join(arms) + ")\n", "![samples](report-samples.png)\n"]
+    if "curves" in images:
+        md += ["## Learning curves (generation scored during training)\n", "![curves](report-curves.png)\n"]
+    md += ["## Loss curves\n", "![losses](report-losses.png)\n",
            "## Alignment expert: confusion matrix (val, split A)\n", "![confusion](report-confusion.png)\n",
            "## Timings\n", "| stage | seconds |", "|---|---|"]
     md += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
@@ -168,26 +271,41 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
     def img(name: str) -> str:
         return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(images[name]).decode()}">'
 
+    def cell_class(diff, higher) -> str:
+        verdict = _verdict(diff, higher)
+        return "good" if verdict == " (better)" else "bad" if verdict == " (worse)" else ""
+
     table = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{_fmt(v)}</td><td>{_fmt(f)}</td>"
-        f"<td class='{'good' if d is not None and d != 0 and (d > 0) == hi else 'bad' if d else ''}'>{_fmt(d)}</td></tr>"
-        for label, v, f, d, hi in rows)
+        f"<tr><td>{html.escape(label)}</td><td>{_direction(hi)}</td><td>{_fmt(v)}</td><td>{_fmt(f)}</td>"
+        f"<td class='{cell_class(d, hi)}'>{_fmt(d)}</td></tr>" for label, v, f, d, hi in rows)
+    bar_table = "".join(
+        f"<tr><td>{html.escape(what)}</td><td>{html.escape(bar)}</td>"
+        + "".join(f"<td class='{'good' if bars[arm][i][3] else 'bad' if bars[arm][i][3] is False else ''}'>"
+                  f"{html.escape(bar_cell(arm, i))}</td>" for arm in arms) + "</tr>"
+        for i, (what, bar) in enumerate(bar_names))
+    class_table = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in class_header) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in class_rows)
     timing_rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{s:.1f}</td></tr>" for n, s in timings.items())
+    curves_html = f"<h2>Learning curves (generation scored during training)</h2>{img('curves')}" \
+        if "curves" in images else ""
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>fadscale demo report</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}.good{{color:#176e2a}}.bad{{color:#a3261b}}img{{max-width:100%}}
 pre{{background:#f4f4f4;padding:1em;overflow-x:auto}}</style></head><body>
 <h1>fadscale demo report</h1>
 <p>fadscale {__version__}, {html.escape(time.strftime('%Y-%m-%d %H:%M'))}, {torch.get_num_threads()} CPU threads,
-total {total_seconds:.0f} s. Vanilla = plain fine-tuning; FAD = the same plus the feature-alignment loss (same seed,
-steps, batch, sampler). Scored by an evaluator trained on tiles (split B) the alignment expert (split A) never saw.</p>
-<h2>Metrics</h2><table><tr><th>metric</th><th>vanilla</th><th>FAD</th><th>FAD - vanilla</th></tr>{table}</table>
-<p>Real val tiles' SSIM diversity: {_fmt(real_div)}. Alignment expert ({html.escape(alignment_card['arch'])}, split A)
-val accuracy {alignment_card['val_accuracy']:.3f}; evaluator (split B) {evaluator_card['val_accuracy']:.3f}.
-A demo-sized run is a smoke test of the pipeline, not evidence for or against FAD
-(tools/bench_quality.py runs the seeded experiment).</p>
-<h2>Samples: real | vanilla | FAD</h2>{img('samples')}
+total {total_seconds:.0f} s. Vanilla = plain training; FAD = the same plus the feature-alignment loss (same seed,
+steps, batch, sampler). Scored by an evaluator trained on tiles (split B) the alignment expert (split A) never saw,
+against real val tiles no model trained on.</p>
+<h2>Class-faithful? The bar</h2><table><tr><th>check</th><th>bar</th>{''.join(f'<th>{html.escape(a)}</th>' for a in arms)}</tr>{bar_table}</table>
+<h2>Samples: real | {' | '.join(html.escape(a) for a in arms)}</h2>{img('samples')}
+<h2>Metrics</h2><table><tr><th>metric</th><th>better</th><th>vanilla</th><th>FAD</th><th>FAD - vanilla</th></tr>{table}</table>
+<p>Alignment expert ({html.escape(alignment_card['arch'])}, split A) val accuracy {alignment_card['val_accuracy']:.3f};
+evaluator (split B) {evaluator_card['val_accuracy']:.3f}. One seed of a demo-sized run shows what the pipeline
+makes; it is not evidence for or against FAD (tools/bench_quality.py runs the seeded experiment).</p>
+<h2>Per class</h2><table>{class_table}</table>
+{curves_html}
 <h2>Loss curves</h2>{img('losses')}
 <h2>Alignment expert: confusion matrix</h2>{img('confusion')}
 <h2>Timings</h2><table><tr><th>stage</th><th>seconds</th></tr>{timing_rows}</table>
@@ -201,7 +319,8 @@ def run_demo(out: str | Path, data: str | None = None, overwrite: bool = False, 
     """Run the pipeline into `out` and write the report; returns the path of report.html.
 
     `quick`: the smallest setting (a smoke test of every stage in about a minute): 96 tiles, 1 expert
-    epoch, the cpu-tiny UNet for 6 steps, 3 samples per class, no utility classifiers."""
+    epoch, the cpu-tiny UNet for 6 steps (two learning-curve points), 3 samples per class, no utility
+    classifiers."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -209,13 +328,15 @@ def run_demo(out: str | Path, data: str | None = None, overwrite: bool = False, 
         shutil.rmtree(out)
     if data is not None and not Path(data).exists():
         raise FadscaleError(f"--data {data}: no such folder or zip")
-    plan = Plan(out=out, source=str(Path(data).resolve()) if data else Plan.source)
+    plan = Plan(out=out, source=str(Path(data).resolve()) if data else Plan.source, eval_every=EVAL_EVERY,
+                sample_overrides=dict(SAMPLER))
     if quick:
         if not data:
             plan.source = "procedural:per_class=12,size=32,seed=0"
         plan.expert_overrides = ["train.epochs=1"]
         plan.fad_overrides = ["train.max_steps=6", "checkpoint.every=6", "model.preset=cpu-tiny",
-                              "data.batch_size=8"]
+                              "data.batch_size=8", "eval.per_class=2", "eval.steps=3"]
+        plan.eval_every = 3
         plan.per_class = 3
         plan.sample_overrides = {"sample__steps": 5}
         plan.eval_overrides = {"utility__enabled": False}

@@ -87,7 +87,9 @@ class MetricsSection(Section):
 class UtilitySection(Section):
     enabled: bool = Field(True, description="train-on-synthetic, test-on-real classifiers")
     arch: str = Field("tiny-cnn", description="tiny-cnn, or a timm model name (trained from scratch)")
-    epochs: int = Field(5, ge=1)
+    steps: int | None = Field(300, ge=1, description="optimizer steps per classifier, the same for every "
+                              "training set (so a smaller set is not also trained less); None: `epochs` passes")
+    epochs: int = Field(5, ge=1, description="passes over the training set when steps is None")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
     max_real_per_class: int | None = Field(None, ge=1, description="cap the real train tiles per class")
@@ -253,6 +255,20 @@ def export_real_tiles(shards: str | Path, out: str | Path, *, split: str = "val"
 # --------------------------------------------------------------------------------------------------
 
 
+def evaluator_selection(card: dict, cfg: EvaluateConfig) -> str:
+    """How the evaluator's weights were chosen, and whether that used tiles this evaluation scores."""
+    data = card.get("data") or {}
+    subset = data.get("subset", "all")
+    epoch = card.get("best_epoch")
+    picked = f"epoch {epoch + 1} of {card.get('epochs_trained', '?')}" if isinstance(epoch, int) else "the best epoch"
+    same_tiles = cfg.real.split == "val" and (cfg.real.subset == "all" or cfg.real.subset == subset or subset == "all")
+    text = f"{picked} by accuracy on the val tiles of subset {subset}"
+    if same_tiles:
+        text += (f"; those tiles are among the real {cfg.real.split} tiles scored here, so the evaluator's accuracy "
+                 "on real tiles is optimistic (the generated tiles had no say in the choice)")
+    return text
+
+
 def check_independence(evaluator_card: dict, manifest: dict | None, alignment_card: str | None,
                        allow: bool) -> dict:
     """Refuse the alignment expert as evaluator (same weights sha256) unless allowed; returns the
@@ -320,17 +336,19 @@ def _classifier(arch: str, in_chans: int, classes: int, size: int) -> nn.Module:
 
 
 def train_classifier(tiles: torch.Tensor, labels: torch.Tensor, classes: int, *, arch: str, epochs: int,
-                     batch_size: int, lr: float, seed: int, device: torch.device) -> nn.Module:
+                     batch_size: int, lr: float, seed: int, device: torch.device, steps: int | None = None) -> nn.Module:
     """A classifier from scratch on uint8 tiles (random flips/rotations), seeded: the same data give the
-    same weights."""
+    same weights. `steps` optimizer steps (shuffled passes, the last one cut short), else `epochs` passes."""
     torch.manual_seed(seed)
     model = _classifier(arch, tiles.shape[1], classes, tiles.shape[-1]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = max(1, epochs * math.ceil(len(tiles) / batch_size))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    batch_size = min(batch_size, len(tiles))
+    total = steps or max(1, epochs * math.ceil(len(tiles) / batch_size))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
+    done = 0
+    while done < total:
         order = torch.randperm(len(tiles), generator=gen)
         for start in range(0, len(tiles), batch_size):
             index = order[start:start + batch_size]
@@ -344,6 +362,9 @@ def train_classifier(tiles: torch.Tensor, labels: torch.Tensor, classes: int, *,
             loss.backward()
             optimizer.step()
             schedule.step()
+            done += 1
+            if done == total:
+                break
     return model.eval()
 
 
@@ -376,10 +397,11 @@ def utility_scores(cfg: EvaluateConfig, classes: list[str], generated: dict[str,
     results = {}
     for name, (x, y) in setups.items():
         model = train_classifier(x, y, len(classes), arch=u.arch, epochs=u.epochs, batch_size=u.batch_size, lr=u.lr,
-                                 seed=cfg.run.seed, device=device)
+                                 seed=cfg.run.seed, device=device, steps=u.steps)
         confusion = confusion_matrix(test_y, predict(model, test_x, device), len(classes))
         results[name] = {"train_tiles": len(x), **accuracy_from_confusion(confusion, classes)}
-    return {"computed": True, "classifier": u.arch, "epochs": u.epochs, "batch_size": u.batch_size, "lr": u.lr,
+    return {"computed": True, "classifier": u.arch, "steps": u.steps, "epochs": None if u.steps else u.epochs,
+            "batch_size": u.batch_size, "lr": u.lr,
             "seed": cfg.run.seed, "test": {"split": cfg.real.split, "tiles": len(test_x)},
             "real_train_tiles": len(real_x), "setups": results}
 
@@ -397,6 +419,37 @@ def _distances(fake: torch.Tensor, real: torch.Tensor, m: MetricsSection, seed: 
     pr = precision_recall(real, fake, k=m.pr_k)
     return {**out, "frechet": frechet_distance(fake, real), "kid": kid, "kid_std": kid_std,
             "precision": pr["precision"], "recall": pr["recall"], "k": pr["k"]}
+
+
+def reference_distances(model: nn.Module, card: dict, shards: Path, classes: list[str],
+                        generated: dict[str, torch.Tensor], real_feat: torch.Tensor, m: MetricsSection, seed: int,
+                        device: torch.device, batch_size: int) -> dict:
+    """The same distances for real train tiles against the real val tiles: what a generator that drew
+    from the real distribution would score. As many train tiles per class as there are generated ones
+    (the first by key), so both rows carry the same small-sample bias."""
+    size, channels = next(iter(generated.values())).shape[-1], next(iter(generated.values())).shape[1]
+    wanted = max(len(tiles) for tiles in generated.values())
+    train = load_real_tiles(shards, classes, split="train", image_size=size, channels=channels, max_per_class=wanted)
+    train_x, _ = _stack(train, classes)
+    train_feat, _ = evaluator_outputs(model, card, train_x, device, batch_size)
+    return {"what": "real train tiles (as many per class as generated, first by key) vs the real val tiles",
+            **_distances(train_feat, real_feat, m, seed)}
+
+
+def intensity_by_class(generated: dict[str, torch.Tensor], real_val: dict[str, torch.Tensor], shards: Path,
+                       classes: list[str], size: int, channels: int) -> dict:
+    """Mean pixel intensity (0..1) per class of the generated tiles and of all real tiles (train + val,
+    the closest estimate of the class's own), and the gap; the val-only mean beside it."""
+    train = load_real_tiles(shards, classes, split="train", image_size=size, channels=channels)
+    per_class = {}
+    for name in classes:
+        real_all = torch.cat([train[name], real_val[name]])
+        gen = float(generated[name].float().mean() / 255.0)
+        real = float(real_all.float().mean() / 255.0)
+        per_class[name] = {"generated": gen, "real": real, "real_val": float(real_val[name].float().mean() / 255.0),
+                           "gap": gen - real, "real_tiles": len(real_all)}
+    return {"what": "mean pixel intensity (0..1); real: all real tiles of the class (train + val)",
+            "per_class": per_class, "max_abs_gap": max(abs(v["gap"]) for v in per_class.values())}
 
 
 def inception_fid(weights: str | None, generated: torch.Tensor, real: torch.Tensor) -> dict:
@@ -486,13 +539,20 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
     mean_div = {kind: _mean([d[kind] for d in diversity.values()]) for kind in ("generated", "real")}
 
     distances = {"space": f"evaluator features ({card['arch']}, {card['feature_dim']}-d pooled)",
-                 "overall": _distances(gen_feat, real_feat, m, cfg.run.seed)}
+                 "overall": _distances(gen_feat, real_feat, m, cfg.run.seed),
+                 "reference": reference_distances(model, card, shards, classes, generated, real_feat, m,
+                                                  cfg.run.seed, device, cfg.evaluator.batch_size)}
+    ref_frechet = distances["reference"].get("frechet")
+    distances["frechet_ratio"] = distances["overall"]["frechet"] / ref_frechet \
+        if ref_frechet and distances["overall"]["frechet"] is not None else None
+    intensity = intensity_by_class(generated, real, shards, classes, size, channels)
     if m.per_class:
         distances["per_class"] = {name: _distances(gen_feat[gen_y == i], real_feat[real_y == i], m, cfg.run.seed + i)
                                   for i, name in enumerate(classes)}
     utility = {"computed": False, "reason": "utility.enabled is false"}
     if cfg.utility.enabled:
-        log_line(f"utility: training 3 {cfg.utility.arch} classifiers ({cfg.utility.epochs} epochs each)", True)
+        budget = f"{cfg.utility.steps} steps" if cfg.utility.steps else f"{cfg.utility.epochs} epochs"
+        log_line(f"utility: training 3 {cfg.utility.arch} classifiers ({budget} each)", True)
         utility = utility_scores(cfg, classes, generated, real, shards, device)
 
     warnings = []
@@ -515,13 +575,15 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
         "real": {"shards": str(shards.resolve()), "split": cfg.real.split, "subset": cfg.real.subset,
                  "count": len(real_x), "per_class": {n: len(real[n]) for n in classes}},
         "evaluator": {"card": card["_path"], "arch": card["arch"], "sha256": card["sha256"],
-                      "card_val_accuracy": card.get("val_accuracy"), **independence},
+                      "card_val_accuracy": card.get("val_accuracy"), "selection": evaluator_selection(card, cfg),
+                      **independence},
         "classes": classes,
         "generation_accuracy": {**accuracy_from_confusion(confusion, classes), "confusion": confusion.tolist()},
         "real_accuracy": {**accuracy_from_confusion(real_confusion, classes), "confusion": real_confusion.tolist()},
         "diversity": {"metric": "1 - mean SSIM over random pairs (torchmetrics SSIM, data_range 1)",
                       "pairs_per_class": m.ssim_pairs, "per_class": diversity, "mean": mean_div},
         "distances": distances,
+        "intensity": intensity,
         "inception_fid": inception_fid(m.inception_weights, gen_x, real_x),
         "utility": utility,
         "warnings": warnings,
@@ -585,6 +647,8 @@ def markdown_report(report: dict) -> str:
                  + ("**the alignment expert itself (allowed by evaluator.allow_alignment_expert)**"
                     if ev["is_alignment_expert"] else
                     "independent of the alignment expert" if ev["alignment_expert_known"] else "alignment expert unknown"))
+    if ev.get("selection"):
+        lines.append(f"- evaluator weights: {ev['selection']}")
     for warning in report["warnings"]:
         lines.append(f"- warning: {warning}")
     lines += ["", "## Summary", "", "| metric | value |", "| --- | --- |"]
@@ -595,19 +659,26 @@ def markdown_report(report: dict) -> str:
             ("SSIM diversity, generated (mean over classes)", div["generated"]),
             ("SSIM diversity, real (mean over classes)", div["real"]),
             ("Frechet distance (evaluator features)", overall["frechet"]),
+            ("Frechet distance, real train vs real val (reference)", (report["distances"].get("reference") or {}).get("frechet")),
+            ("Frechet ratio (generated / reference; 1 = as close as real tiles)", report["distances"].get("frechet_ratio")),
             ("KID (evaluator features)", overall["kid"]),
             ("precision", overall["precision"]), ("recall", overall["recall"])]
     fid = report["inception_fid"]
     rows.append(("Inception FID", fid["fid"] if fid.get("computed") else f"not computed: {fid['reason']}"))
     lines += [f"| {k} | {_fmt(v, 4)} |" for k, v in rows]
+    intensity = (report.get("intensity") or {}).get("per_class") or {}
     lines += ["", "## Per class", "",
-              "| class | gen. accuracy | real accuracy | diversity gen. | diversity real | Frechet | KID | precision | recall |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| class | gen. accuracy | real accuracy | intensity gen. | intensity real | gap | diversity gen. | "
+              "diversity real | Frechet | KID | precision | recall |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     per_dist = report["distances"].get("per_class") or {}
     for name in classes:
         d = per_dist.get(name, {})
+        level = intensity.get(name, {})
         lines.append("| " + " | ".join([name, _fmt(report["generation_accuracy"]["per_class"][name]),
                                          _fmt(report["real_accuracy"]["per_class"][name]),
+                                         _fmt(level.get("generated")), _fmt(level.get("real")),
+                                         _fmt(level.get("gap")),
                                          _fmt(report["diversity"]["per_class"][name]["generated"]),
                                          _fmt(report["diversity"]["per_class"][name]["real"]),
                                          _fmt(d.get("frechet"), 2), _fmt(d.get("kid"), 4),
@@ -615,7 +686,8 @@ def markdown_report(report: dict) -> str:
     lines += ["", "## Utility (train on X, test on real)", ""]
     utility = report["utility"]
     if utility.get("computed"):
-        lines += [f"{utility['classifier']}, {utility['epochs']} epochs, tested on {utility['test']['tiles']} real "
+        budget = f"{utility['steps']} steps" if utility.get("steps") else f"{utility['epochs']} epochs"
+        lines += [f"{utility['classifier']}, {budget} each, tested on {utility['test']['tiles']} real "
                   f"{utility['test']['split']} tiles.", "",
                   "| trained on | tiles | accuracy |", "| --- | --- | --- |"]
         for name, res in utility["setups"].items():

@@ -44,8 +44,10 @@ class Plan:
     arms: dict[str, list[str]] = field(default_factory=lambda: {
         "vanilla": ["align.enabled=false"], "fad": ["align.enabled=true"]})
     expert_overrides: list[str] = field(default_factory=list)
+    alignment_expert_overrides: list[str] = field(default_factory=list)  # expert A only (e.g. a larger input)
     fad_overrides: list[str] = field(default_factory=list)
-    per_class: int = 16
+    per_class: int = 32
+    eval_every: int | None = None  # learning-curve points (eval.every), scored by the split-B evaluator
     sample_overrides: dict = field(default_factory=dict)
     eval_overrides: dict = field(default_factory=dict)
 
@@ -104,9 +106,11 @@ def arm_config(plan: Plan, arm: str, extra: list[str] | None = None, *, seed: in
     out = plan.out
     extra = plan.arms.get(arm, []) if extra is None else extra
     alignment = alignment if alignment is not None else out / "expert-A" / "expert.json"
+    curves = [f"eval.every={plan.eval_every}", f"eval.evaluator={out / 'expert-B' / 'expert.json'}"] \
+        if plan.eval_every else []
     base = [f"run.out_dir={out / (tag or arm)}", f"data.shards={out / 'shards'}", f"expert={alignment}",
             f"data.image_size={plan.image_size}", f"run.seed={plan.seed if seed is None else seed}",
-            *plan.fad_overrides, *extra]
+            *curves, *plan.fad_overrides, *extra]
     cfg = tiny_config(FadConfig, "fad.yaml", base)
     # The cache folder follows from the settings (an explicit cache.dir among the overrides wins).
     if not any(o.startswith("cache.dir=") for o in [*plan.fad_overrides, *extra]):
@@ -173,10 +177,11 @@ def prepare(plan: Plan, clock: StageClock | None = None, arms: dict[str, list[st
                                              seed=plan.seed, progress=False, overwrite=True))
 
     def expert(subset: str) -> Path:
+        own = plan.alignment_expert_overrides if subset == "A" else []
         cfg = tiny_config(ExpertConfig, "expert.yaml", [
             f"run.out_dir={out / f'expert-{subset}'}", f"data.shards={shards}", f"data.subset={subset}",
             f"data.image_size={plan.image_size}", f"model.input_size={plan.image_size}",
-            f"run.seed={plan.seed}", *plan.expert_overrides])
+            f"run.seed={plan.seed}", *plan.expert_overrides, *own])
         train_expert(cfg)
         return Path(cfg.run.out_dir) / "expert.json"
 

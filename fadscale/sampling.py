@@ -8,14 +8,16 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+from fadscale.models.unet import uses_class_labels
+
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
 
 
 def noise_config(noise_cfg) -> dict:
     """The training noise schedule, as diffusers scheduler arguments (the reference: DDPM, 1000 steps,
-    squaredcos_cap_v2, epsilon prediction)."""
+    squaredcos_cap_v2, epsilon prediction), and the samplers' timestep spacing."""
     return dict(num_train_timesteps=noise_cfg.num_train_timesteps, beta_schedule=noise_cfg.beta_schedule,
-                prediction_type=noise_cfg.prediction_type)
+                prediction_type=noise_cfg.prediction_type, timestep_spacing=noise_cfg.timestep_spacing)
 
 
 def make_scheduler(name: str, config: dict, clip_sample: bool = True):
@@ -38,18 +40,22 @@ def generate(unet, table: torch.Tensor, labels: torch.Tensor, seeds: list[int], 
              device: torch.device, dtype: torch.dtype = torch.float32, clamp: bool = True) -> torch.Tensor:
     """Images in [-1, 1] (latents unclamped with clamp=False), [N, C, S, S], for `labels`, one seed each.
 
-    `table` holds the conditioning tokens [classes + 1, 1, D] (row `null_index` is the null token);
-    guidance > 1 applies classifier-free guidance against it.
+    `table` holds the conditioning tokens [classes + 1, 1, D] (row `null_index` is the null token); a UNet
+    with a class embedding also gets the labels (`null_index` for the unconditional half). guidance != 1
+    applies classifier-free guidance against the null token and class.
     """
     latents = torch.stack([
         torch.randn(channels, image_size, image_size, generator=torch.Generator().manual_seed(int(s)))
         for s in seeds
     ]).to(device)
-    tokens = table[labels.cpu()].to(device, dtype)
+    labels = labels.cpu()
+    tokens = table[labels].to(device, dtype)
     guided = guidance != 1.0 and null_index is not None
     if guided:
         null = table[null_index].expand(len(labels), -1, -1).to(device, dtype)
         tokens = torch.cat([null, tokens])
+        labels = torch.cat([torch.full_like(labels, null_index), labels])
+    class_labels = labels.to(device) if uses_class_labels(unet) else None
     scheduler.set_timesteps(steps, device=device)
     latents = latents * scheduler.init_noise_sigma
     # DDPM draws fresh noise at each step: a per-image generator keeps that reproducible too. It is
@@ -58,7 +64,7 @@ def generate(unet, table: torch.Tensor, labels: torch.Tensor, seeds: list[int], 
     for t in scheduler.timesteps:
         model_in = torch.cat([latents] * 2) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
-        out = unet(model_in.to(dtype), t, tokens).sample.float()
+        out = unet(model_in.to(dtype), t, tokens, class_labels=class_labels).sample.float()
         if guided:
             uncond, cond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)

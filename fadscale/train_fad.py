@@ -10,6 +10,7 @@ loss against the expert feature read from the cache for the view the UNet sees; 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -25,14 +26,15 @@ from torch import nn
 from tqdm import tqdm
 
 from fadscale import __version__
-from fadscale.align import FeatureTap, build_projector
+from fadscale.align import FeatureTap, build_projector, top_direction_share
 from fadscale.cache_features import build_cache, check_cache, needs_spatial
 from fadscale.conditioning import CONDITIONING_FILE, ClassConditioning, load_table
+from fadscale.learning_curve import GenerationProbe
 from fadscale.config import FadConfig, save_config
-from fadscale.data.loader import batches_per_epoch, train_loader
+from fadscale.data.loader import batches_per_epoch, eval_loader, train_loader
 from fadscale.data.shard import load_manifest
 from fadscale.models.expert import expert_input, load_expert, read_card
-from fadscale.models.unet import build_unet, count_parameters, get_module, probe_feature_shape
+from fadscale.models.unet import build_unet, count_parameters, get_module, probe_feature_shape, uses_class_labels
 from fadscale.runtime.checkpoint import latest_checkpoint, save_checkpoint
 from fadscale.runtime.distributed import any_rank
 from fadscale.runtime.entry import run_entry
@@ -56,9 +58,10 @@ class FadModel(nn.Module):
 
     def forward(self, noisy, timesteps, labels, drop, expert_target=None):
         tokens = self.conditioning(labels, drop)
+        class_labels = self.conditioning.labels(labels, drop) if uses_class_labels(self.unet) else None
         if self.tap is not None:
             self.tap.arm()
-        prediction = self.unet(noisy, timesteps, tokens).sample
+        prediction = self.unet(noisy, timesteps, tokens, class_labels=class_labels).sample
         if self.tap is None:
             return prediction, None, None
         feature = self.tap.pop()
@@ -74,6 +77,25 @@ def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gam
     snr = alphas / (1 - alphas)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
+
+
+class TrainClock:
+    """Seconds spent training (resumed runs continue the count), not counting what runs `paused()`:
+    learning-curve points, sample grids and checkpoints. Time to quality is read off it."""
+
+    def __init__(self, seconds: float = 0.0):
+        self._base, self._start, self._paused = seconds, time.perf_counter(), 0.0
+
+    def seconds(self) -> float:
+        return self._base + time.perf_counter() - self._start - self._paused
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - start
 
 
 class FadTrainer:
@@ -104,6 +126,7 @@ class FadTrainer:
         self.cache_manifest = self._prepare_cache() if self.uses_cache else None
         self._build_model()
         self.noise = DDPMScheduler(**noise_config(cfg.noise))
+        self.probe = self._build_probe() if cfg.eval.every and self.is_main else None
 
     # ---------------------------------------------------------------- setup
 
@@ -135,7 +158,8 @@ class FadTrainer:
 
             self.vae_scale = AutoencoderKL.load_config(cfg.model.vae).get("scaling_factor", 0.18215)
         self.space_channels, self.sample_size = space_channels, sample_size
-        unet = build_unet(cfg.model.preset, space_channels, sample_size, cfg.model.pretrained)
+        class_embeds = len(self.classes) + 1 if cfg.conditioning.class_embedding else None  # + the null class
+        unet = build_unet(cfg.model.preset, space_channels, sample_size, cfg.model.pretrained, class_embeds)
         dim = unet.config.cross_attention_dim
         table = None
         if cfg.conditioning.text_encoder:
@@ -155,10 +179,12 @@ class FadTrainer:
             unet.to(memory_format=torch.channels_last)
         self.model = FadModel(unet, conditioning, projector, cfg.align.layer)
         self.online_expert = None
-        if cfg.align.enabled and cfg.align.target == "noisy-online":
+        if cfg.align.enabled and cfg.align.target in ("noisy-online", "noisy-reference"):
             self.online_expert = load_expert(cfg.expert, self.device)[0].requires_grad_(False)
+            if cfg.align.target == "noisy-reference":
+                self.online_expert.train()  # BatchNorm on batch statistics, as the reference leaves it
             if projector is not None and projector.needs_spatial:
-                raise FadscaleError("align.target noisy-online works with the seed projector only")
+                raise FadscaleError(f"align.target {cfg.align.target} works with the seed projector only")
         self.ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
         if self.ema is not None:
             self.ema.to(self.device)
@@ -178,6 +204,17 @@ class FadTrainer:
         # DeepSpeed bf16 keeps bf16 weights (fp32 master copies in the optimizer): inputs must match.
         self.input_dtype = next(self.accelerator.unwrap_model(self.model).unet.parameters()).dtype
         self.unet = self.accelerator.unwrap_model(self.model).unet
+
+    def _build_probe(self) -> GenerationProbe:
+        cfg = self.cfg
+        if cfg.model.space == "latent":
+            raise FadscaleError("eval.every: learning curves are scored in pixel space only (this run is latent); "
+                                "sample and evaluate the final run instead")
+        return GenerationProbe(evaluator_card=cfg.eval.evaluator, alignment_sha256=self.card["sha256"],
+                               shards=cfg.data.shards, classes=self.classes, image_size=self.sample_size,
+                               channels=self.space_channels, per_class=cfg.eval.per_class,
+                               scheduler=cfg.eval.scheduler, steps=cfg.eval.steps, noise=noise_config(cfg.noise),
+                               device=self.device)
 
     # ---------------------------------------------------------------- data
 
@@ -227,9 +264,9 @@ class FadTrainer:
         expert_target = None
         if aligning and cfg.align.target == "cached":
             expert_target = batch["spatial" if needs_spatial(cfg) else "pooled"].to(device)
-        elif aligning:  # the reference's behaviour: the expert sees the noisy input, every step
+        elif aligning:  # the expert sees the noisy input, every step (the reference's behaviour)
             with torch.no_grad():
-                expert_target = self.online_expert.features(expert_input(noisy.float(), self.card))
+                expert_target = self.online_expert.features(self._online_expert_input(noisy.float()))
 
         with self.accelerator.accumulate(self.model):
             prediction, align_loss, diagnostics = self.model(noisy, timesteps, labels, drop, expert_target)
@@ -255,9 +292,21 @@ class FadTrainer:
             metrics["train/grad_norm"] = float(grad_norm)
         return metrics
 
+    def _online_expert_input(self, noisy: torch.Tensor) -> torch.Tensor:
+        """noisy-online: the expert's own input (size, channels, normalisation from its card).
+        noisy-reference: the reference's: the noisy tile at the expert's size in the [0, 1] pixel range,
+        not normalised (and the expert's BatchNorm in train mode, set at build)."""
+        if self.cfg.align.target == "noisy-online":
+            return expert_input(noisy, self.card)
+        plain = {**self.card, "normalization": {"mean": [0.0] * self.card["in_chans"],
+                                                 "std": [1.0] * self.card["in_chans"]}}
+        return expert_input(noisy, plain)
+
     # ---------------------------------------------------------------- checkpoints
 
     def _save(self) -> None:
+        self.state["train_seconds"] = self._clock.seconds()
+
         def write(folder: Path) -> None:
             self.accelerator.save_state(str(folder))
             if self.is_main:
@@ -295,8 +344,9 @@ class FadTrainer:
 
     def _train(self) -> int:
         cfg = self.cfg
-        self.state = {"step": 0, "micro": 0, "nan_in_row": 0, "nan_total": 0}
+        self.state = {"step": 0, "micro": 0, "nan_in_row": 0, "nan_total": 0, "train_seconds": 0.0}
         self._resume()
+        self._clock = TrainClock(self.state.get("train_seconds", 0.0))
         if self.is_main:
             self.stop.clear_stale_file()
             save_config(cfg, self.out / "config.yaml")
@@ -347,9 +397,14 @@ class FadTrainer:
                     progress.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("loss")})
                     window_start, window_images = time.perf_counter(), 0
                 if cfg.train.sample_every and step % cfg.train.sample_every == 0:
-                    self._log_grid(logger, step)
+                    with self._clock.paused():
+                        self._log_grid(logger, step)
+                if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
+                    with self._clock.paused():
+                        self._evaluate(logger, step)
                 if step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
-                    self._save()
+                    with self._clock.paused():
+                        self._save()
                 if step >= cfg.train.max_steps:
                     break  # done: a stop request now needs no checkpoint of its own, final/ follows
                 if any_rank(self.stop.requested(), self.device):
@@ -396,6 +451,58 @@ class FadTrainer:
         self.unet.train()
         logger.image("samples/per_class", step, (grid(images.cpu(), len(self.classes)) + 1) / 2)
 
+    @torch.no_grad()
+    def _evaluate(self, logger: RunLogger, step: int) -> None:
+        """A learning-curve point (main rank, EMA weights when kept); the other ranks wait for it."""
+        if self.probe is not None:
+            params = list(self.unet.parameters())
+            if self.ema is not None:
+                self.ema.store(params)
+                self.ema.copy_to(params)
+            try:
+                scores = self.probe(self.unet, self.conditioning_table().to(self.input_dtype))
+            finally:
+                if self.ema is not None:
+                    self.ema.restore(params)
+            logger.scalars(step, {**scores, "eval/train_seconds": self._clock.seconds()})
+            log_line(f"step {step}: generation accuracy {scores['eval/generation_accuracy']:.3f}, "
+                     f"Frechet {scores['eval/frechet']:.1f}", True)
+        self.accelerator.wait_for_everyone()
+
+    @torch.no_grad()
+    def _target_diagnostic(self, tiles: int = 256) -> dict | None:
+        """The collapse diagnostic of the final run: the top-direction share (align.top_direction_share) of
+        the alignment targets of up to `tiles` training tiles (view 0), and of the expert features they
+        come from (cached, or the online expert on the clean tiles)."""
+        cfg = self.cfg
+        projector = self.accelerator.unwrap_model(self.model).projector
+        if projector is None:
+            return None
+        cached = cfg.align.target == "cached"
+        key = "spatial" if needs_spatial(cfg) else "pooled"
+        loader = eval_loader(cfg.cache.dir if cached else cfg.data.shards, split="train", batch_size=64,
+                             image_size=cfg.data.image_size, channels=cfg.data.channels,
+                             features=(f"{key}.npy",) if cached else ())
+        features, count = [], 0
+        for batch in loader:
+            if cached:
+                features.append(batch[key].to(self.device))
+            else:
+                images = batch["image"].to(self.device)
+                features.append(self.online_expert.features(self._online_expert_input(images)))
+            count += len(features[-1])
+            if count >= tiles:
+                break
+        expert = torch.cat(features)[:tiles].float()
+        was_training = projector.training
+        projector.eval()
+        targets = projector.targets(expert)
+        projector.train(was_training)
+        return {"tiles": len(expert), "target_top_direction_share": top_direction_share(targets),
+                "expert_top_direction_share": top_direction_share(expert),
+                "what": "share of the unit-normalised targets' second moment along its top direction "
+                        "(1: every tile's target points one way)"}
+
     def _rank_checksums(self) -> list[float]:
         """A checksum of this rank's trainable weights, gathered from every rank: equal when in sync."""
         params = self.accelerator.unwrap_model(self.model).parameters()
@@ -422,8 +529,9 @@ class FadTrainer:
                 head.update({f"projector.{k}": v.detach().float().cpu().contiguous()
                              for k, v in model.projector.state_dict().items()})
             save_file(head, str(folder / HEAD_FILE))
-            history = read_metrics(self.out)
-            last = history[-1] if history else {}
+            last: dict = {}  # the newest value of every logged key (loss records and eval records alike)
+            for record in read_metrics(self.out):
+                last.update(record)
             card = {
                 "format": "fadscale-fad-run",
                 "step": self.state["step"],
@@ -440,6 +548,7 @@ class FadTrainer:
                 "cache": cfg.cache.dir if self.uses_cache else None,
                 "vae": cfg.model.vae,
                 "final_metrics": {k: v for k, v in last.items() if k not in ("step", "time")},
+                "alignment_diagnostic": self._target_diagnostic(),
                 "skipped_steps": self.state["nan_total"],
                 "world_size": self.world,
                 "rank_weight_checksums": checksums,
@@ -453,7 +562,9 @@ class FadTrainer:
             atomic_write_json(folder / "run_card.json", card)
         logger.hparams({"method": card["method"], "lr": cfg.optim.lr, "align_weight": cfg.align.weight,
                         "projector": cfg.align.projector, "layer": cfg.align.layer, "batch": cfg.data.batch_size},
-                       {"hparam/final_noise_loss": float(last.get("loss/noise", math.nan))})
+                       {"hparam/final_noise_loss": float(last.get("loss/noise", math.nan)),
+                        **{f"hparam/{key.removeprefix('eval/')}": float(last[key])
+                           for key in ("eval/generation_accuracy", "eval/frechet") if key in last}})
         log_line(f"wrote {self.out / 'final'} (step {self.state['step']})", True)
 
 

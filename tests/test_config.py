@@ -177,7 +177,7 @@ def test_unknown_key_without_a_close_match(tmp_path):
     ("data.batch_size=2.5", "key 'data.batch_size': got 2.5 (float); expected an integer >= 1"),
     ("data.channels=2", "key 'data.channels': got 2 (int); expected one of 1, 3"),
     ("data.subset=C", "key 'data.subset': got 'C' (str); expected one of 'all', 'A', 'B'"),
-    ("model.preset=big", "key 'model.preset': got 'big' (str); expected one of 'tiny-sd', 'cpu-small', 'cpu-tiny'"),
+    ("model.preset=big", "key 'model.preset': got 'big' (str); expected one of 'tiny-sd', 'cpu-base', 'cpu-small', 'cpu-tiny'"),
     ("train.mixed_precision=fp16", "expected one of 'auto', 'no', 'bf16'"),
     ("optim.lr=-1", "key 'optim.lr': got -1 (int); expected a number > 0"),
     ("optim.lr=fast", "key 'optim.lr': got 'fast' (str); expected a number > 0"),

@@ -12,7 +12,7 @@ import traceback
 from typing import Callable, Sequence
 
 from fadscale.config import load_config
-from fadscale.runtime.distributed import shutdown
+from fadscale.runtime.distributed import set_cpu_threads, shutdown
 from fadscale.runtime.io import FadscaleError
 
 
@@ -23,6 +23,7 @@ def run_entry(stage: str, config_cls, run: Callable[[object], int], argv: Sequen
                         help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     args = parser.parse_args(argv)
     try:
+        set_cpu_threads()
         code = run(load_config(config_cls, args.config, args.overrides))
     except FadscaleError as exc:
         print(f"error: {exc}", file=sys.stderr)
