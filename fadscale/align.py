@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fadscale.objective import cosine_alignment_loss
 from fadscale.runtime.io import FadscaleError
 
 
@@ -51,11 +52,11 @@ class FeatureTap:
 
 def _cosine_loss(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """1 - cosine (per sample, or per location of a map), and detached diagnostics to log."""
-    cos = F.cosine_similarity(prediction.float(), target.float(), dim=1)
-    diagnostics = {"align/cosine": cos.mean().detach()}
+    loss, cosine = cosine_alignment_loss(prediction, target)
+    diagnostics = {"align/cosine": cosine}
     if target.shape[0] > 1:
         diagnostics["align/target_similarity"] = target_similarity(target)
-    return (1.0 - cos).mean(), diagnostics
+    return loss, diagnostics
 
 
 def target_similarity(target: torch.Tensor) -> torch.Tensor:

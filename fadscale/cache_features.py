@@ -31,12 +31,19 @@ from fadscale.config import FadConfig
 from fadscale.data.loader import NUM_VIEWS, apply_view, decode_image
 from fadscale.data.shard import load_manifest
 from fadscale.models.expert import expert_input, load_expert, read_card
+from fadscale.models.vae import load_vae
 from fadscale.runtime.distributed import barrier, detect_world, init_distributed
 from fadscale.runtime.entry import run_entry
 from fadscale.runtime.io import FadscaleError, atomic_write_json, read_json, sha256_file
 from fadscale.runtime.logging import log_line
 
 CACHE_FORMAT = "fadscale-feature-cache"
+
+
+def uses_cache(cfg: FadConfig) -> bool:
+    """Whether training reads the feature cache: a cached alignment target, VAE latents, or text conditioning."""
+    return (cfg.align.enabled and cfg.align.target == "cached") or cfg.model.space == "latent" \
+        or cfg.conditioning.text_encoder is not None
 
 
 def needs_spatial(cfg: FadConfig) -> bool:
@@ -159,13 +166,7 @@ def build_cache(cfg: FadConfig, overwrite: bool = False) -> dict:
     barrier()
 
     expert, _ = load_expert(cfg.expert, device)
-    vae = None
-    if cfg.model.space == "latent":
-        from diffusers import AutoencoderKL
-
-        if not cfg.model.vae:
-            raise FadscaleError("model.vae: latent space needs a local diffusers VAE folder")
-        vae = AutoencoderKL.from_pretrained(cfg.model.vae).to(device).eval()
+    vae = load_vae(cfg.model.vae, device)[0] if cfg.model.space == "latent" else None
 
     shards = source["splits"]["train"]["shards"]
     mine = [s for i, s in enumerate(shards) if i % world.world_size == world.rank]

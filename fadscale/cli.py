@@ -38,7 +38,13 @@ def _fail(exc: FadscaleError) -> None:
 
 def _launch(module: str, config: Optional[Path], overrides: list[str] | None, nproc: int, launcher: str,
             extra: list[str] = ()) -> None:
-    """Run `python -m fadscale.<module>` in this process (nproc 1) or under a launcher (nproc > 1)."""
+    """Run `python -m fadscale.<module>` (nproc 1) or under a launcher (nproc > 1); exit with its code."""
+    raise typer.Exit(_run_stage(module, config, overrides, nproc, launcher, extra))
+
+
+def _run_stage(module: str, config: Optional[Path], overrides: list[str] | None, nproc: int, launcher: str,
+               extra: list[str] = ()) -> int:
+    """`python -m fadscale.<module>` in a child process (under a launcher when nproc > 1); its exit code."""
     args = (["--config", str(config)] if config else []) + [a for o in overrides or [] for a in ("--set", o)]
     args += list(extra)
     if nproc <= 1:
@@ -49,7 +55,7 @@ def _launch(module: str, config: Optional[Path], overrides: list[str] | None, np
     else:  # accelerate on CPU needs --multi_gpu for several processes (--cpu forces one); see facts.md
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", f"fadscale.{module}", *args]
-    raise typer.Exit(subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+    return subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 @app.callback(invoke_without_command=True)
@@ -146,8 +152,21 @@ def train(
     """Train FAD (or the plain fine-tuning baseline with align.enabled=false); builds the feature cache first if missing.
 
     Example: fadscale train --config configs/tiny/fad.yaml --nproc 2
-    (the same as: accelerate launch -m fadscale.train_fad --config configs/tiny/fad.yaml)
+    (the same as: fadscale cache-features ... when the cache is missing, then
+    accelerate launch -m fadscale.train_fad --config configs/tiny/fad.yaml)
     """
+    from fadscale.cache_features import uses_cache
+    from fadscale.config import FadConfig, load_config
+
+    try:
+        cfg = load_config(FadConfig, config, overrides or [])
+    except FadscaleError as exc:
+        _fail(exc)
+    if uses_cache(cfg) and not (Path(cfg.cache.dir) / "manifest.json").is_file():
+        typer.echo(f"feature cache {cfg.cache.dir} missing: building it first", err=True)
+        code = _run_stage("cache_features", config, overrides, nproc, "accelerate")
+        if code != 0:
+            raise typer.Exit(code)
     _launch("train_fad", config, overrides, nproc, "accelerate")
 
 

@@ -250,6 +250,8 @@ def render_sbatch(
     if not config.is_file():
         raise FadscaleError(f"{config}: config not found")
     config = config.resolve()
+    if module is None:  # the real stage: its whole config must be valid before a job is rendered
+        stage_config(stage, config, overrides)
     if nodes < 1 or gpus_per_node < 1:
         raise FadscaleError(f"nodes ({nodes}) and gpus per node ({gpus_per_node}) must be at least 1")
     if signal_lead_s < 1:
@@ -306,6 +308,28 @@ def render_sbatch(
     )
 
 
+def stage_config(stage: str, config: str | Path, overrides: Iterable[str] = ()):
+    """The stage's validated config (a one-line FadscaleError names the file or --set at fault)."""
+    from fadscale.config import ExpertConfig, FadConfig, load_config
+    from fadscale.sample import SampleConfig
+
+    model = {"expert": ExpertConfig, "cache": FadConfig, "train": FadConfig, "sample": SampleConfig}[stage]
+    return load_config(model, config, list(overrides))
+
+
+def check_inputs(stage: str, config: str | Path, overrides: Iterable[str] = ()) -> None:
+    """What a job needs before it starts and would otherwise fail on: the train stage reads the feature
+    cache, which the cache stage builds (submit that first; a job does not start another stage)."""
+    if stage != "train":
+        return
+    from fadscale.cache_features import uses_cache
+
+    cfg = stage_config(stage, config, overrides)
+    if uses_cache(cfg) and not (Path(cfg.cache.dir) / "manifest.json").is_file():
+        raise FadscaleError(f"feature cache {cfg.cache.dir} missing: submit the cache stage first "
+                            f"(fadscale submit cache --config {config} ...), then this one")
+
+
 def submit(stage: str, config: str | Path, *, dry_run: bool = False, **options) -> tuple[str, str | None]:
     """Render the script for `stage`; with `dry_run` return (script text, None) and write nothing.
 
@@ -314,6 +338,8 @@ def submit(stage: str, config: str | Path, *, dry_run: bool = False, **options) 
     text = render_sbatch(stage, config, **options)
     if dry_run:
         return text, None
+    if options.get("module") is None:
+        check_inputs(stage, config, options.get("overrides") or ())
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise FadscaleError("sbatch not found: submit on a SLURM login node, or use --dry-run to see the script")

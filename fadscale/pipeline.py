@@ -2,7 +2,7 @@
 feature cache -> vanilla and FAD training -> sampling -> evaluation.
 
 Each stage is the library function its own command runs (`shard_dataset`, `train_expert.train`,
-`build_cache`, `FadTrainer`, `sample_images`, `evaluate`), configured from `configs/tiny/` with the
+`build_cache`, `fad_trainer`, `sample_images`, `evaluate`), configured from `configs/tiny/` with the
 paths pointed into one output folder. `fadscale demo` and `tools/bench_quality.py` are built on it.
 
 Two layers: `run_pipeline(plan)` runs everything once. The bench reuses the parts: `prepare(plan)` runs
@@ -119,19 +119,14 @@ def arm_config(plan: Plan, arm: str, extra: list[str] | None = None, *, seed: in
     return cfg
 
 
-def _uses_cache(cfg: FadConfig) -> bool:
-    return (cfg.align.enabled and cfg.align.target == "cached") or cfg.model.space == "latent" \
-        or cfg.conditioning.text_encoder is not None
-
-
 def cache_configs(plan: Plan, arms: dict[str, list[str]] | None = None) -> dict[Path, FadConfig]:
     """One config per distinct cache folder the arms read (in first-use order)."""
-    from fadscale.cache_features import needs_spatial
+    from fadscale.cache_features import needs_spatial, uses_cache
 
     wanted: dict[Path, FadConfig] = {}
     for arm, extra in (plan.arms if arms is None else arms).items():
         cfg = arm_config(plan, arm, extra)
-        if _uses_cache(cfg):
+        if uses_cache(cfg):
             wanted.setdefault(Path(cfg.cache.dir), cfg)
     if not wanted:  # no arm reads a cache: build the pooled one anyway (cheap, and the demo expects it)
         cfg = arm_config(plan, "fad", ["align.enabled=true"])
@@ -197,10 +192,10 @@ def prepare(plan: Plan, clock: StageClock | None = None, arms: dict[str, list[st
 def train_run(plan: Plan, prepared: Prepared, arm: str, extra: list[str] | None = None, *,
               seed: int | None = None, tag: str | None = None) -> Path:
     """Train one arm; returns its run folder."""
-    from fadscale.train_fad import FadTrainer
+    from fadscale.train_fad import fad_trainer
 
     cfg = arm_config(plan, arm, extra, seed=seed, tag=tag, alignment=prepared.alignment_expert)
-    FadTrainer(cfg).train()
+    fad_trainer(cfg).run()
     return Path(cfg.run.out_dir)
 
 

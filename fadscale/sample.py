@@ -183,21 +183,10 @@ def load_run(path: str | Path, weights: str = "ema", device: torch.device | str 
                             f"({classes} classes + the null token)")
     loaded = LoadedRun(final, card, unet.to(device).eval().requires_grad_(False), table, folder, fallback)
     if card["space"] == "latent":
+        from fadscale.models.vae import load_vae
+
         loaded.vae, loaded.vae_scale = load_vae(card.get("vae"), device)
     return loaded
-
-
-def load_vae(path: str | None, device) -> tuple[torch.nn.Module, float]:
-    from diffusers import AutoencoderKL
-
-    if not path:
-        raise FadscaleError("the run is in latent space but its run card names no VAE")
-    kwargs = {"subfolder": "vae"} if (Path(path) / "vae").is_dir() else {}
-    try:
-        vae = AutoencoderKL.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise FadscaleError(f"VAE {path!r}: cannot load it ({exc})") from None
-    return vae.to(device).eval().requires_grad_(False), float(vae.config.get("scaling_factor", 0.18215))
 
 
 # --------------------------------------------------------------------------------------------------

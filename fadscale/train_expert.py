@@ -1,4 +1,4 @@
-"""Train the expert classifier with raw torch.distributed + DistributedDataParallel.
+"""Train the expert classifier: `ExpertTask` on the training core's loop, raw DDP backend.
 
     torchrun --nproc_per_node 2 -m fadscale.train_expert --config configs/tiny/expert.yaml
     fadscale train-expert --config configs/expert.yaml --nproc 8
@@ -12,66 +12,57 @@ averages that training keeps (momentum 0.1) trail weights that move fast, which 
 runs at a high learning rate: the tiny CPU expert validated at 0.17 with them and at 0.79 with the
 recomputed ones, same weights. Recomputing also leaves every rank with identical buffers.
 
-Stopping and resuming: SIGUSR1/SIGTERM or a STOP file in run.out_dir stops every rank after the
-current step; the run checkpoints (model, optimizer, scheduler, state, each rank's RNG state) and
-exits 0 without writing the expert. The next run resumes from the newest complete checkpoint,
-mid-epoch included (the loader skips the batches already done), and continues exactly as an
-uninterrupted run would.
+Stopping and resuming are the training core's (fadscale.training): SIGUSR1/SIGTERM or a STOP file in
+run.out_dir stops every rank after the current step with a checkpoint and exit 0, without writing the
+expert; the next run resumes from the newest intact checkpoint, mid-epoch included, and continues exactly
+as an uninterrupted run would. The best weights so far (`best.safetensors`) and the validation history
+are part of the task's state.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel
 
 from fadscale import __version__
-from fadscale.config import ExpertConfig, save_config
-from fadscale.data.loader import batches_per_epoch, eval_loader, split_count, train_loader
+from fadscale.config import ExpertConfig
+from fadscale.data.loader import batches_per_epoch, eval_loader, loader_from_config, split_count
 from fadscale.data.shard import load_manifest
 from fadscale.models.expert import Expert, load_initial_weights, save_expert
-from fadscale.runtime.checkpoint import latest_checkpoint, save_checkpoint
-from fadscale.runtime.distributed import World, all_reduce_sum, any_rank, barrier, detect_world, init_distributed
+from fadscale.runtime.distributed import all_reduce_sum
 from fadscale.runtime.entry import run_entry
-from fadscale.runtime.io import FadscaleError, atomic_write_json, git_commit, read_json, sha256_file
-from fadscale.runtime.logging import RunLogger, log_line
+from fadscale.runtime.io import FadscaleError, git_commit, sha256_file
+from fadscale.runtime.logging import log_line
 from fadscale.runtime.schedule import make_scheduler
-from fadscale.runtime.signals import StopRequest
+from fadscale.training.backend import Backend, DDPBackend
+from fadscale.training.task import LoopSettings, LoopView, TrainParts
+from fadscale.training.trainer import Trainer
 
 BEST_WEIGHTS = "best.safetensors"
 PRECISE_BN_SAMPLES = 2048  # over all ranks; Wu & Johnson (2021): 10^3-10^4 samples estimate BN well
 
 
-def autocast(device: torch.device, mode: str):
-    """bf16 autocast on GPU by default ('auto'), on CPU only when asked ('bf16')."""
-    enabled = mode == "bf16" or (mode == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, cfg: ExpertConfig, world: World, device: torch.device,
-             num_classes: int) -> torch.Tensor:
-    """Confusion matrix [true, predicted] over the whole val split, summed over ranks."""
+def validate(model: torch.nn.Module, cfg: ExpertConfig, backend: Backend, num_classes: int) -> torch.Tensor:
+    """Confusion matrix [true, predicted] over the whole val split (of the subset), summed over ranks."""
     model.eval()
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64)
     loader = eval_loader(cfg.data.shards, split="val", batch_size=cfg.data.batch_size,
-                         image_size=cfg.data.image_size, channels=cfg.data.channels, rank=world.rank,
-                         world_size=world.world_size, workers=cfg.data.workers, subset=cfg.data.subset,
+                         image_size=cfg.data.image_size, channels=cfg.data.channels, rank=backend.rank,
+                         world_size=backend.world, workers=cfg.data.workers, subset=cfg.data.subset,
                          subset_seed=cfg.data.subset_seed)
     for batch in loader:
-        with autocast(device, cfg.train.mixed_precision):
-            logits = model(batch["image"].to(device))
+        with backend.autocast():
+            logits = model(batch["image"].to(backend.device))
         pairs = batch["label"] * num_classes + logits.argmax(1).cpu()
         confusion += torch.bincount(pairs, minlength=num_classes * num_classes).double()
     model.train()
-    return all_reduce_sum(confusion.to(device)).cpu().view(num_classes, num_classes)
+    return all_reduce_sum(confusion.to(backend.device)).cpu().view(num_classes, num_classes)
 
 
 def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
@@ -80,8 +71,8 @@ def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm.
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: torch.nn.Module, cfg: ExpertConfig, world: World, device: torch.device,
-                          epoch: int, steps_per_epoch: int) -> int:
+def recalibrate_batchnorm(model: torch.nn.Module, cfg: ExpertConfig, backend: Backend, epoch: int,
+                          steps_per_epoch: int) -> int:
     """Recompute BatchNorm running statistics for the current weights ("precise BN").
 
     Forward passes in train mode over up to PRECISE_BN_SAMPLES training samples (a stream of its own,
@@ -90,13 +81,10 @@ def recalibrate_batchnorm(model: torch.nn.Module, cfg: ExpertConfig, world: Worl
     norms = batchnorm_layers(model)
     if not norms:
         return 0
-    per_step = cfg.data.batch_size * world.world_size
+    per_step = cfg.data.batch_size * backend.world
     batches = min(steps_per_epoch, max(1, math.ceil(PRECISE_BN_SAMPLES / per_step)))
-    loader = train_loader(cfg.data.shards, batch_size=cfg.data.batch_size, image_size=cfg.data.image_size,
-                          channels=cfg.data.channels, seed=cfg.run.seed + 7919, epoch=epoch, rank=world.rank,
-                          world_size=world.world_size, workers=cfg.data.workers,
-                          shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=batches * per_step,
-                          views=cfg.data.views, subset=cfg.data.subset, subset_seed=cfg.data.subset_seed)
+    loader = loader_from_config(cfg, cfg.data.shards, epoch=epoch, rank=backend.rank, world_size=backend.world,
+                                samples_per_epoch=batches * per_step, seed=cfg.run.seed + 7919)
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
@@ -104,14 +92,14 @@ def recalibrate_batchnorm(model: torch.nn.Module, cfg: ExpertConfig, world: Worl
     was_training = model.training
     model.train()
     for batch in loader:
-        with autocast(device, cfg.train.mixed_precision):
-            model(batch["image"].to(device))
+        with backend.autocast():
+            model(batch["image"].to(backend.device))
     model.train(was_training)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
-        if world.distributed:
+        if backend.world > 1:
             for buffer in (m.running_mean, m.running_var):
-                buffer.copy_(all_reduce_sum(buffer.clone()) / world.world_size)
+                buffer.copy_(all_reduce_sum(buffer.clone()) / backend.world)
     return batches
 
 
@@ -124,12 +112,12 @@ def state_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def gather_digests(digest: str, world: World, device: torch.device) -> list[str]:
+def gather_digests(digest: str, backend: Backend) -> list[str]:
     """Every rank's digest, on every rank."""
-    if not world.distributed:
+    if backend.world == 1:
         return [digest]
-    table = torch.zeros(world.world_size, 32, dtype=torch.int64, device=device)
-    table[world.rank] = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int64, device=device)
+    table = torch.zeros(backend.world, 32, dtype=torch.int64, device=backend.device)
+    table[backend.rank] = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int64, device=backend.device)
     return [bytes(row).hex() for row in all_reduce_sum(table).cpu().tolist()]
 
 
@@ -174,214 +162,119 @@ def check_data(cfg: ExpertConfig) -> tuple[dict, list[str]]:
     return manifest, classes
 
 
-def _head_classes(state: dict[str, torch.Tensor], model: Expert) -> tuple[int, int] | None:
-    """(classes in `state`, classes of `model`) when the final head layer's shapes disagree."""
-    name = [k for k in model.head.state_dict() if k.endswith("weight")][-1]
-    key = f"head.{name}"
-    if key in state and state[key].ndim == 2 and state[key].shape[0] != model.num_classes:
-        return int(state[key].shape[0]), model.num_classes
-    return None
+class ExpertTask:
+    """The expert on the training core: a timm classifier, cross-entropy, validation at each epoch's end
+    (precise BN first) that keeps the best weights and may stop early, and the card at the end."""
 
+    name = "expert"
 
-def load_resume_weights(model: Expert, folder: Path, shards: str) -> None:
-    """Model weights of a checkpoint folder, with one clear line for a corrupt or foreign one."""
-    path = folder / "model.safetensors"
-    advice = f"delete {folder} to fall back to an older checkpoint, or set run.resume=never"
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - missing, truncated, not safetensors: the same user error
-        raise FadscaleError(f"{path}: corrupt checkpoint ({type(exc).__name__}: {exc}); {advice}") from None
-    mismatch = _head_classes(state, model)
-    if mismatch is not None:
-        raise FadscaleError(f"{path}: checkpoint was trained for {mismatch[0]} classes but {shards} has "
-                            f"{mismatch[1]}; use another run.out_dir or the shards it was trained on")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        raise FadscaleError(f"{path}: checkpoint does not fit {model.arch} (in_chans {model.in_chans}): "
-                            f"{detail[:200]}; {advice}") from None
+    def __init__(self, cfg: ExpertConfig, backend: DDPBackend):
+        self.cfg, self.backend = cfg, backend
+        self.out = Path(cfg.run.out_dir)
+        self.manifest, self.classes = check_data(cfg)
+        samples = cfg.data.samples_per_epoch or split_count(cfg.data.shards, "train", cfg.data.subset)
+        self.steps_per_epoch = batches_per_epoch(samples, cfg.data.batch_size, backend.world)
+        self.best = {"best_accuracy": -1.0, "best_epoch": -1, "stale_epochs": 0, "best_confusion": None,
+                     "early_stopped": False}
 
+    def settings(self) -> LoopSettings:
+        cfg = self.cfg
+        return LoopSettings(out_dir=self.out, seed=cfg.run.seed, resume=cfg.run.resume,
+                            max_steps=self.steps_per_epoch * cfg.train.epochs, batches_per_epoch=self.steps_per_epoch,
+                            log_every=cfg.train.log_every, checkpoint_every=self.steps_per_epoch * cfg.checkpoint.every,
+                            keep_last=cfg.checkpoint.keep_last, grad_clip=cfg.optim.grad_clip,
+                            batch_size=cfg.data.batch_size)
 
-def _load_torch(path: Path, device, advice: str):
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise FadscaleError(f"{path}: corrupt checkpoint ({type(exc).__name__}); {advice}") from None
+    def build(self, backend) -> TrainParts:
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        model = Expert(cfg.model.arch, len(self.classes), cfg.data.channels, cfg.model.input_size, cfg.model.head,
+                       cfg.model.drop_rate)
+        if cfg.model.pretrained:
+            log_line(load_initial_weights(model, cfg.model.pretrained), backend.is_main)
+        if cfg.model.sync_batchnorm and backend.world > 1:
+            if backend.device.type == "cuda":
+                from timm.layers import convert_sync_batchnorm  # also converts timm's BatchNormAct layers
 
+                model = convert_sync_batchnorm(model)
+            else:
+                log_line("note: model.sync_batchnorm needs a GPU (PyTorch's SyncBatchNorm); ignored on CPU",
+                         backend.is_main)
+        model.to(backend.device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                      betas=cfg.optim.betas)
+        schedule = make_scheduler(optimizer, cfg.optim, self.steps_per_epoch * cfg.train.epochs)
+        self.model = model
+        log_line(f"expert {cfg.model.arch}: {backend.world} process(es) on {backend.device.type}, "
+                 f"{self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs", backend.is_main)
+        return TrainParts(model, optimizer, schedule)
 
-def train(cfg: ExpertConfig) -> int:
-    with StopRequest(cfg.run.out_dir) as stop:  # SIGUSR1/SIGTERM mean "checkpoint and exit" only meanwhile
-        return _train(cfg, stop)
+    def loader(self, epoch: int, start_batch: int):
+        return loader_from_config(self.cfg, self.cfg.data.shards, epoch=epoch, rank=self.backend.rank,
+                                  world_size=self.backend.world, start_batch=start_batch,
+                                  samples_per_epoch=self.steps_per_epoch * self.cfg.data.batch_size * self.backend.world)
 
+    def train_step(self, model, batch: dict, micro_step: int, step: int):
+        device = self.backend.device
+        logits = model(batch["image"].to(device))
+        loss = F.cross_entropy(logits.float(), batch["label"].to(device), label_smoothing=self.cfg.train.label_smoothing)
+        return loss, {"train/loss": loss.item()}
 
-def _train(cfg: ExpertConfig, stop: StopRequest) -> int:
-    world = detect_world()
-    device = init_distributed(world)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    out = Path(cfg.run.out_dir)
-    manifest, classes = check_data(cfg)
-
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = Expert(cfg.model.arch, len(classes), cfg.data.channels, cfg.model.input_size, cfg.model.head,
-                   cfg.model.drop_rate)
-    resume = latest_checkpoint(out / "checkpoints") if cfg.run.resume == "auto" else None
-    if resume is not None:
-        load_resume_weights(model, resume[1], cfg.data.shards)
-    elif cfg.model.pretrained:
-        log_line(load_initial_weights(model, cfg.model.pretrained), world.is_main)
-
-    samples = cfg.data.samples_per_epoch or split_count(cfg.data.shards, "train", cfg.data.subset)
-    steps_per_epoch = batches_per_epoch(samples, cfg.data.batch_size, world.world_size)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    state = {"epoch": 0, "batch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": -1, "stale_epochs": 0,
-             "early_stopped": False, "world_size": world.world_size}
-
-    if cfg.model.sync_batchnorm and world.distributed:
-        if device.type == "cuda":
-            from timm.layers import convert_sync_batchnorm  # also converts timm's BatchNormAct layers
-
-            model = convert_sync_batchnorm(model)
-        else:
-            log_line("note: model.sync_batchnorm needs a GPU (PyTorch's SyncBatchNorm); ignored on CPU",
-                     world.is_main)
-    model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                  betas=cfg.optim.betas)
-    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
-    rng_state = None
-    if resume is not None:
-        folder = resume[1]
-        advice = f"delete {folder} to fall back to an older checkpoint, or set run.resume=never"
-        optimizer.load_state_dict(_load_torch(folder / "optimizer.pt", device, advice))
-        scheduler.load_state_dict(_load_torch(folder / "scheduler.pt", "cpu", advice))
-        state = {**state, **read_json(folder / "state.json", "checkpoint state")}
-        if state.get("world_size") == world.world_size and (folder / f"rng-{world.rank}.pt").is_file():
-            rng_state = _load_torch(folder / f"rng-{world.rank}.pt", "cpu", advice)
-        elif state.get("world_size") != world.world_size:
-            log_line(f"note: {folder} was written by {state.get('world_size')} process(es), this run has "
-                     f"{world.world_size}: it continues, but not exactly as the original run would", world.is_main)
-        state["world_size"] = world.world_size
-        log_line(f"resumed from {folder} (epoch {state['epoch']}, batch {state['batch']})", world.is_main)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world.distributed else model
-
-    if world.is_main:
-        stop.clear_stale_file()
-        save_config(cfg, out / "config.yaml")
-    barrier()  # no rank may see the stale STOP file the main rank just removed
-    logger = RunLogger(out, world.is_main)
-
-    def checkpoint() -> None:
-        def write(folder: Path) -> None:
-            # Every rank keeps its RNG state (dropout, ...) so a mid-epoch resume continues exactly.
-            rng = {"cpu": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
-            torch.save(rng, folder / f"rng-{world.rank}.pt")
-            if world.is_main:
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                          str(folder / "model.safetensors"))
-                torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-                torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-                atomic_write_json(folder / "state.json", state)
-
-        save_checkpoint(out / "checkpoints", state["step"], write, keep_last=cfg.checkpoint.keep_last,
-                        is_main=world.is_main)
-
-    if state["early_stopped"] or state["epoch"] >= cfg.train.epochs:
-        log_line(f"{out}: training already finished (epoch {state['epoch']}); writing the outputs again",
-                 world.is_main)
-    else:
-        log_line(f"expert {cfg.model.arch}: {world.world_size} process(es) on {device.type}, "
-                 f"{steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs", world.is_main)
-    stopped = False
-    while state["epoch"] < cfg.train.epochs and not state["early_stopped"]:
-        epoch = state["epoch"]
-        # Reseeded per epoch (and rank) so a run resumed at an epoch boundary repeats the same randomness.
-        torch.manual_seed(cfg.run.seed * 100003 + epoch * 1009 + world.rank)
-        loader = train_loader(cfg.data.shards, batch_size=cfg.data.batch_size, image_size=cfg.data.image_size,
-                              channels=cfg.data.channels, seed=cfg.run.seed, epoch=epoch, rank=world.rank,
-                              world_size=world.world_size, workers=cfg.data.workers,
-                              shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=samples,
-                              views=cfg.data.views, subset=cfg.data.subset, subset_seed=cfg.data.subset_seed,
-                              start_batch=state["batch"])
-        batches = iter(loader)  # draws the DataLoader's base seed from the RNG, as an uninterrupted run did
-        if rng_state is not None:  # resumed mid-epoch: continue the RNG where the stopped run left it
-            if state["batch"] > 0:
-                torch.set_rng_state(rng_state["cpu"])
-                if "cuda" in rng_state and device.type == "cuda":
-                    torch.cuda.set_rng_state(rng_state["cuda"], device)
-            rng_state = None
-        started, seen = time.perf_counter(), 0
-        for batch in batches:
-            images, labels = batch["image"].to(device), batch["label"].to(device)
-            with autocast(device, cfg.train.mixed_precision):
-                loss = F.cross_entropy(ddp(images), labels, label_smoothing=cfg.train.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            state["step"] += 1
-            state["batch"] += 1
-            seen += images.shape[0] * world.world_size
-            if state["step"] % cfg.train.log_every == 0:
-                logger.scalars(state["step"], {"train/loss": loss.item(), "train/grad_norm": grad_norm.item(),
-                                               "train/lr": scheduler.get_last_lr()[0],
-                                               "train/images_per_s": seen / (time.perf_counter() - started)})
-            if any_rank(stop.requested(), device):
-                stopped = True
-                break
-        if stopped:
-            log_line(f"stop requested ({stop.reason or 'another rank'}): checkpointing at step {state['step']}",
-                     world.is_main)
-            checkpoint()
-            break
-
-        recalibrate_batchnorm(model, cfg, world, device, epoch, steps_per_epoch)
-        confusion = evaluate(model, cfg, world, device, len(classes))
+    def after_step(self, view: LoopView) -> bool:
+        """At the end of each epoch: precise BN, validation, best weights, early stopping."""
+        if view.step % self.steps_per_epoch:
+            return False
+        cfg, backend, best = self.cfg, self.backend, self.best
+        epoch = view.step // self.steps_per_epoch - 1
+        recalibrate_batchnorm(self.model, cfg, backend, epoch, self.steps_per_epoch)
+        confusion = validate(self.model, cfg, backend, len(self.classes))
         if confusion.sum() == 0:
             raise FadscaleError(f"{cfg.data.shards}: no val tile falls in data.subset {cfg.data.subset}; "
                                 "shard with a larger --val-fraction")
         accuracy = float(confusion.diag().sum() / confusion.sum())
         per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
-        logger.scalars(state["step"], {"val/accuracy": accuracy, "epoch": epoch,
-                                       **{f"val/accuracy/{c}": float(a) for c, a in zip(classes, per_class)}})
-        log_line(f"epoch {epoch + 1}/{cfg.train.epochs}: val accuracy {accuracy:.3f} "
-                 f"({int(confusion.sum())} tiles)", world.is_main)
-        if accuracy > state["best_accuracy"]:
-            state.update(best_accuracy=accuracy, best_epoch=epoch, stale_epochs=0,
-                         best_confusion=confusion.tolist())
-            if world.is_main:
-                tmp = out / f".{BEST_WEIGHTS}.tmp"
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-                tmp.replace(out / BEST_WEIGHTS)
+        view.logger.scalars(view.step, {"val/accuracy": accuracy, "epoch": epoch,
+                                        **{f"val/accuracy/{c}": float(a) for c, a in zip(self.classes, per_class)}})
+        log_line(f"epoch {epoch + 1}/{cfg.train.epochs}: val accuracy {accuracy:.3f} ({int(confusion.sum())} tiles)",
+                 backend.is_main)
+        if accuracy > best["best_accuracy"]:
+            best.update(best_accuracy=accuracy, best_epoch=epoch, stale_epochs=0, best_confusion=confusion.tolist())
+            if backend.is_main:
+                tmp = self.out / f".{BEST_WEIGHTS}.tmp"
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
+                tmp.replace(self.out / BEST_WEIGHTS)
         else:
-            state["stale_epochs"] += 1
-        state["epoch"], state["batch"] = epoch + 1, 0
-        early = cfg.train.early_stopping is not None and state["stale_epochs"] >= cfg.train.early_stopping
-        state["early_stopped"] = early
-        if (epoch + 1) % cfg.checkpoint.every == 0 or early or state["epoch"] == cfg.train.epochs:
-            checkpoint()
+            best["stale_epochs"] += 1
+        early = cfg.train.early_stopping is not None and best["stale_epochs"] >= cfg.train.early_stopping
+        best["early_stopped"] = early
         if early:
-            log_line(f"early stopping: no improvement for {state['stale_epochs']} epochs", world.is_main)
+            log_line(f"early stopping: no improvement for {best['stale_epochs']} epochs", backend.is_main)
+        return early
 
-    if not stopped:
-        digests = gather_digests(state_digest(model), world, device)
+    def state_dict(self) -> dict:
+        return dict(self.best)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best.update(state)
+
+    def export(self, view: LoopView) -> None:
+        digests = gather_digests(state_digest(self.model), self.backend)
         if len(set(digests)) > 1:
-            log_line(f"warning: the ranks' final weights differ: {digests}", world.is_main)
-        if world.is_main:
-            write_outputs(cfg, out, classes, manifest, state, world, digests)
-    logger.close()
-    barrier()
-    return 0
+            log_line(f"warning: the ranks' final weights differ: {digests}", self.backend.is_main)
+        if self.backend.is_main:
+            write_outputs(self.cfg, self.out, self.classes, {**view.state, **self.best,
+                                                             "epoch": view.state["step"] // self.steps_per_epoch},
+                          self.backend.world, digests)
 
 
-def write_outputs(cfg: ExpertConfig, out: Path, classes: list[str], manifest: dict, state: dict,
-                  world: World, replica_digests: list[str]) -> None:
+def train(cfg: ExpertConfig) -> int:
+    backend = DDPBackend(cfg.train.mixed_precision)
+    task = ExpertTask(cfg, backend)
+    return Trainer(task, backend, task.settings(), config=cfg).run()
+
+
+def write_outputs(cfg: ExpertConfig, out: Path, classes: list[str], state: dict, world_size: int,
+                  replica_digests: list[str]) -> None:
     """The deliverable: the best weights as expert.safetensors, its card and confusion matrix."""
     model = Expert(cfg.model.arch, len(classes), cfg.data.channels, cfg.model.input_size, cfg.model.head)
     if not (out / BEST_WEIGHTS).is_file() or "best_confusion" not in state:
@@ -411,7 +304,7 @@ def write_outputs(cfg: ExpertConfig, out: Path, classes: list[str], manifest: di
                  "subset_seed": cfg.data.subset_seed,
                  "manifest_sha256": sha256_file(Path(cfg.data.shards) / "manifest.json")},
         "config": cfg.model_dump(mode="json"),
-        "world_size": world.world_size,
+        "world_size": world_size,
         # sha256 of each rank's final training state (parameters and buffers): all equal under DDP.
         "replica_sha256": replica_digests,
         "fadscale_version": __version__,

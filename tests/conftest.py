@@ -99,12 +99,20 @@ def fad_config(shards: Path, expert_card: Path, out: Path, cache: Path, **overri
     return build_config(FadConfig, with_settings(tree, overrides))
 
 
+def train_fad(cfg) -> None:
+    """Build the feature cache when the config needs one and it is missing (as `fadscale train` and the
+    pipeline do), then train in-process."""
+    from fadscale.cache_features import build_cache, uses_cache
+    from fadscale.train_fad import fad_trainer
+
+    if uses_cache(cfg) and not (Path(cfg.cache.dir) / "manifest.json").is_file():
+        build_cache(cfg)
+    assert fad_trainer(cfg).run() == 0
+
+
 @pytest.fixture(scope="session")
 def tiny_fad_run(tiny_shards, tiny_expert, tmp_path_factory) -> Path:
     """A tiny FAD run trained in-process for a few steps; returns its run folder (final/ inside)."""
-    from fadscale.train_fad import FadTrainer
-
     root = tmp_path_factory.mktemp("fad")
-    cfg = fad_config(tiny_shards, tiny_expert, root / "run", root / "cache", train__max_steps=8)
-    FadTrainer(cfg).train()
+    train_fad(fad_config(tiny_shards, tiny_expert, root / "run", root / "cache", train__max_steps=8))
     return root / "run"

@@ -121,7 +121,7 @@ def _tiny_clip(folder) -> str:
 
 def test_text_conditioning_is_computed_once_and_frozen(tiny_shards, tiny_expert, tmp_path):
     from fadscale.conditioning import CONDITIONING_FILE, class_prompts, encode_prompts, load_table
-    from fadscale.train_fad import FadTrainer
+    from fadscale.train_fad import fad_trainer
 
     encoder = _tiny_clip(tmp_path / "clip")
     cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache",
@@ -132,8 +132,8 @@ def test_text_conditioning_is_computed_once_and_frozen(tiny_shards, tiny_expert,
     table = load_table(tmp_path / "cache" / CONDITIONING_FILE)
     assert table.shape == (len(classes) + 1, 1, 32)  # one token per class, then the null (empty prompt)
     torch.testing.assert_close(table, encode_prompts(encoder, class_prompts(classes, cfg.conditioning.prompt)))
-    trainer = FadTrainer(cfg)
-    trainer.train()
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    trainer = fad_trainer(cfg)
+    trainer.run()
+    model = trainer.backend.unwrap(trainer.model)
     assert "table" not in dict(model.conditioning.named_parameters())  # a frozen buffer, not trained
     torch.testing.assert_close(model.conditioning.table, table)

@@ -3,8 +3,8 @@ world from torchrun's or SLURM's variables, loads initial weights safely, and fa
 clear line.
 
 Resume equivalence is tested in-process with a stop request that fires after an exact number of steps
-(a subclass of StopRequest patched into the trainer): the run stops mid-epoch, resumes, stops again
-after the last batch of the first epoch (before its validation), resumes and finishes. Its expert and
+(a subclass of StopRequest patched into the training loop): the run stops mid-epoch, resumes, stops
+again after the last batch of the first epoch (its validation done), resumes and finishes. Its expert and
 final state must be bit-identical to an uninterrupted run's (CPU, same process, same thread count).
 Real signals and the STOP file are tested in subprocesses, where the stop point depends on timing and
 only the clean exit, the checkpoint and the resume are checked.
@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 import fadscale.train_expert as train_expert
+import fadscale.training.trainer as training_loop
 from fadscale.config import ExpertConfig, dump_config
 from fadscale.data.loader import batches_per_epoch, split_count
 from fadscale.models.expert import Expert, load_expert, load_initial_weights, read_card
@@ -125,18 +126,19 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tiny_shards: Path,
     assert cfg.train.epochs >= 2 and n >= 2
     first, second = n // 2, n - n // 2
 
-    monkeypatch.setattr(train_expert, "StopRequest", stop_after(first))
+    monkeypatch.setattr(training_loop, "StopRequest", stop_after(first))
     assert train_expert.train(cfg) == 0
-    state = json.loads((out / f"checkpoints/step-{first:08d}/state.json").read_text())
+    state = json.loads((out / f"checkpoints/step-{first:08d}/trainer_state.json").read_text())
     assert (state["epoch"], state["batch"]) == (0, first)
     assert not (out / "expert.json").exists()
 
-    monkeypatch.setattr(train_expert, "StopRequest", stop_after(second))
+    monkeypatch.setattr(training_loop, "StopRequest", stop_after(second))
     assert train_expert.train(cfg) == 0
-    state = json.loads((out / f"checkpoints/step-{n:08d}/state.json").read_text())
-    assert (state["epoch"], state["batch"]) == (0, n)
+    state = json.loads((out / f"checkpoints/step-{n:08d}/trainer_state.json").read_text())
+    assert (state["epoch"], state["batch"]) == (1, 0)
+    assert state["task"]["best_epoch"] == 0  # the first epoch's validation ran before the stop
 
-    monkeypatch.setattr(train_expert, "StopRequest", StopRequest)
+    monkeypatch.setattr(training_loop, "StopRequest", StopRequest)
     assert train_expert.train(cfg) == 0
     resumed, uninterrupted = read_card(out / "expert.json"), read_card(tmp_path / "uninterrupted/expert.json")
     assert resumed["sha256"] == uninterrupted["sha256"]
@@ -201,9 +203,10 @@ def test_sigusr1_checkpoints_mid_epoch_and_exits_0(tiny_shards: Path, tmp_path: 
     assert proc.returncode == 0, stderr
     assert "stop requested (SIGUSR1)" in stderr
     (step, folder), = [(int(p.name.split("-")[1]), p) for p in (out / "checkpoints").iterdir()]
-    state = json.loads((folder / "state.json").read_text())
+    state = json.loads((folder / "trainer_state.json").read_text())
     assert step >= 1 and state["epoch"] == 0 and state["batch"] == step
-    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt"} <= {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "optimizer.pt", "schedule.pt", "rng-0.pt", "trainer_state.json",
+            "checksums.json"} <= {p.name for p in folder.iterdir()}
     assert not (out / "expert.json").exists()
 
 
@@ -391,9 +394,13 @@ def test_bad_initial_weights(case, message, tmp_path: Path):
 
 
 def _checkpoint(out: Path, state: dict) -> Path:
+    """A checkpoint folder that passes its checksums, holding these model weights."""
     folder = out / "checkpoints" / "step-00000003"
     folder.mkdir(parents=True)
     save_file(state, str(folder / "model.safetensors"))
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 3, "micro": 3}))
+    sums = {name: sha256_file(folder / name) for name in ("model.safetensors", "trainer_state.json")}
+    (folder / "checksums.json").write_text(json.dumps({"step": 3, "files": sums}))
     return folder
 
 
@@ -402,9 +409,9 @@ def _checkpoint(out: Path, state: dict) -> Path:
     ("missing-shard-file", "is missing"),
     ("empty-val", "val split is empty"),
     ("unknown-arch", "not a timm model name.*did you mean"),
-    ("class-count", "trained for 5 classes but .* has 8"),
-    ("foreign-checkpoint", "checkpoint does not fit test_resnet"),
-    ("corrupt-checkpoint", "corrupt checkpoint"),
+    ("class-count", "does not fit the model being trained.*head"),
+    ("foreign-checkpoint", "does not fit the model being trained"),
+    ("corrupt-checkpoint", "no intact checkpoint to resume from"),
     ("pretrained-missing", "model.pretrained .*file not found"),
 ])
 def test_bad_input_is_one_clear_error(case, message, tiny_shards: Path, tmp_path: Path):

@@ -17,8 +17,8 @@ from fadscale.config import dump_config
 from fadscale.models.unet import build_unet, probe_feature_shape
 from fadscale.runtime.io import FadscaleError
 from fadscale.runtime.logging import read_metrics
-from fadscale.train_fad import FadModel, FadTrainer
-from tests.conftest import fad_config, run_module
+from fadscale.train_fad import FadModel, fad_trainer
+from tests.conftest import fad_config, run_module, train_fad
 
 LAYER = "down_blocks.2.resnets.0.conv_shortcut"
 
@@ -141,48 +141,65 @@ def test_two_process_run_learns_and_ranks_stay_in_sync(method, tiny_shards, tiny
 def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_shards, tiny_expert, tmp_path):
     # With the centred seed projector, whose running mean (a buffer, not a parameter) must resume too.
     cache = tmp_path / "cache"
-    full = fad_config(tiny_shards, tiny_expert, tmp_path / "full", cache, train__max_steps=6,
-                      checkpoint__every=3, train__label_dropout=0.2, align__center_target=True)
-    FadTrainer(full).train()
+    settings = dict(train__max_steps=6, checkpoint__every=3, train__label_dropout=0.2, align__center_target=True)
+    train_fad(fad_config(tiny_shards, tiny_expert, tmp_path / "full", cache, **settings))
     # A run that died after its step-3 checkpoint: only that checkpoint survives.
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "full/checkpoints/step-00000003", resumed_dir / "checkpoints/step-00000003")
-    resumed = fad_config(tiny_shards, tiny_expert, resumed_dir, cache, train__max_steps=6,
-                         checkpoint__every=3, train__label_dropout=0.2, align__center_target=True)
-    FadTrainer(resumed).train()
+    train_fad(fad_config(tiny_shards, tiny_expert, resumed_dir, cache, **settings))
     full_log = {r["step"]: r for r in read_metrics(tmp_path / "full")}
     resumed_log = {r["step"]: r for r in read_metrics(resumed_dir)}
     assert sorted(resumed_log) == [4, 5, 6]
     for step in (4, 5, 6):
         for key in ("loss/noise", "loss/align"):
             assert resumed_log[step][key] == pytest.approx(full_log[step][key], rel=1e-5), (step, key)
-    a = torch.load(tmp_path / "full/checkpoints/step-00000006/lr_schedule.pt", weights_only=True)
-    b = torch.load(resumed_dir / "checkpoints/step-00000006/lr_schedule.pt", weights_only=True)
+    # The whole final state: schedule, raw and EMA weights, the FAD head.
+    a = torch.load(tmp_path / "full/checkpoints/step-00000006/schedule.pt", weights_only=True)
+    b = torch.load(resumed_dir / "checkpoints/step-00000006/schedule.pt", weights_only=True)
     assert a["last_epoch"] == b["last_epoch"] == 6
+    from safetensors.torch import load_file
+
+    for name in ("unet/diffusion_pytorch_model.safetensors", "unet_ema/diffusion_pytorch_model.safetensors",
+                 "fad_head.safetensors"):
+        full, resumed = load_file(str(tmp_path / "full/final" / name)), load_file(str(resumed_dir / "final" / name))
+        assert full.keys() == resumed.keys()
+        for key in full:
+            torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
 
 
 def test_stop_request_checkpoints_and_exits_cleanly(tiny_shards, tiny_expert, tmp_path):
     cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__max_steps=50,
                      checkpoint__every=100)
-    trainer = FadTrainer(cfg)
+    from fadscale.cache_features import build_cache
+
+    build_cache(cfg)
+    trainer = fad_trainer(cfg)
     trainer.stop._handle(10, None)  # as if SIGUSR1 arrived during the first step
     host_handler = signal.getsignal(signal.SIGTERM)
-    assert trainer.train() == 0
+    assert trainer.run() == 0
     assert signal.getsignal(signal.SIGTERM) is host_handler  # the trainer's handlers lived only while it ran
     steps = [p.name for p in (tmp_path / "run/checkpoints").iterdir()]
     assert steps == ["step-00000001"]
     assert not (tmp_path / "run/final").exists()
     # Resuming continues from there.
-    cfg2 = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__max_steps=3,
-                      checkpoint__every=100)
-    FadTrainer(cfg2).train()
+    train_fad(fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__max_steps=3,
+                         checkpoint__every=100))
     assert json.loads((tmp_path / "run/final/run_card.json").read_text())["step"] == 3
 
 
+def test_a_missing_cache_is_refused_with_the_command_that_builds_it(tiny_shards, tiny_expert, tmp_path):
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "no-cache")
+    with pytest.raises(FadscaleError, match="no complete feature cache.*fadscale cache-features"):
+        fad_trainer(cfg)
+    assert not (tmp_path / "no-cache").exists()  # the trainer does not run another stage
+
+
 def test_stale_cache_is_refused(tiny_shards, tiny_expert, tmp_path):
+    from fadscale.cache_features import build_cache
+
     cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__max_steps=1)
-    FadTrainer(cfg)  # builds the cache
+    build_cache(cfg)
     card = json.loads(Path(tiny_expert).read_text())
     other = tmp_path / "other-expert"
     other.mkdir()
@@ -200,26 +217,26 @@ def test_stale_cache_is_refused(tiny_shards, tiny_expert, tmp_path):
     (other / "expert.json").write_text(json.dumps(card))
     stale = fad_config(tiny_shards, other / "expert.json", tmp_path / "run2", tmp_path / "cache")
     with pytest.raises(FadscaleError, match="stale feature cache.*expert_sha256.*fadscale cache-features"):
-        FadTrainer(stale)
+        fad_trainer(stale)
 
 
 def test_unknown_layer_lists_close_matches(tiny_shards, tiny_expert, tmp_path):
     cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache",
-                     align__layer="down_blocks.2.resnets.0.conv_shortcutt")
+                     align__layer="down_blocks.2.resnets.0.conv_shortcutt", align__enabled=False)
     with pytest.raises(FadscaleError, match=r"align.layer .*close matches: down_blocks.2.resnets.0.conv_shortcut"):
-        FadTrainer(cfg)
+        fad_trainer(cfg)
 
 
 def test_non_finite_losses_stop_with_a_clear_error_and_keep_checkpoints(tiny_shards, tiny_expert, tmp_path):
     cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__max_steps=4,
                      checkpoint__every=2)
-    FadTrainer(cfg).train()
+    train_fad(cfg)
     before = {p: p.read_bytes() for p in (tmp_path / "run/checkpoints").rglob("*") if p.is_file()}
     # Continue the same run with a poisoned loss: every step non-finite.
     bad = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__max_steps=8,
                      checkpoint__every=2, align__weight=float("inf"), train__nan_tolerance=2)
     with pytest.raises(FadscaleError, match="2 non-finite losses in a row"):
-        FadTrainer(bad).train()
+        fad_trainer(bad).run()
     after = {p: p.read_bytes() for p in (tmp_path / "run/checkpoints").rglob("*") if p.is_file()}
     assert before == after
 
@@ -229,7 +246,7 @@ def test_unwritable_output_folder_is_refused(tiny_shards, tiny_expert, tmp_path)
     blocker.write_text("not a folder")
     cfg = fad_config(tiny_shards, tiny_expert, blocker / "run", tmp_path / "cache")
     with pytest.raises(FadscaleError, match="run.out_dir .*not writable"):
-        FadTrainer(cfg)
+        fad_trainer(cfg)
 
 
 def test_configs_parse_and_name_the_reference_layer():
@@ -253,9 +270,137 @@ def test_latent_space_trains_on_cached_vae_latents(tiny_shards, tiny_expert, tmp
     vae.save_pretrained(tmp_path / "vae")
     cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", model__space="latent",
                      model__vae=str(tmp_path / "vae"), train__max_steps=3)
-    FadTrainer(cfg).train()
+    train_fad(cfg)
     card = json.loads((tmp_path / "run/final/run_card.json").read_text())
     assert (card["space"], card["channels"], card["sample_size"]) == ("latent", 4, 16)
     cache = json.loads((tmp_path / "cache/manifest.json").read_text())["cache"]
     assert cache["arrays"]["latent.npy"]["shape"] == [8, 8, 16, 16]  # 8 views x (mean, logvar) x 16 x 16
     assert all(torch.isfinite(torch.tensor(r["loss/noise"])) for r in read_metrics(tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Options on the one loop
+
+
+@pytest.mark.parametrize("target", ["noisy-online", "noisy-reference"])
+def test_online_targets_run_the_expert_on_the_noisy_input_without_a_cache(target, tiny_shards, tiny_expert, tmp_path):
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "unused-cache", align__target=target,
+                     train__max_steps=3)
+    train_fad(cfg)
+    assert not (tmp_path / "unused-cache").exists()
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(0 <= r["loss/align"] <= 2 for r in records)
+    card = json.loads((tmp_path / "run/final/run_card.json").read_text())
+    assert card["cache"] is None and card["config"]["align"]["target"] == target
+    assert 0 < card["alignment_diagnostic"]["target_top_direction_share"] <= 1
+
+
+def test_online_reference_target_uses_the_unnormalised_input_and_batch_statistics(tiny_shards, tiny_expert, tmp_path):
+    from fadscale.train_fad import FadTask
+
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "c", align__target="noisy-reference")
+    trainer = fad_trainer(cfg)
+    task: FadTask = trainer.task
+    assert task.online_expert.training  # BatchNorm on batch statistics, as the reference leaves it
+    images = torch.full((2, 1, 32, 32), -1.0)  # black tiles: 0 in the [0, 1] range, not (0 - 0.5) / 0.5
+    assert task.online_expert_input(images).abs().max() == 0
+
+
+def test_until_step_switches_the_alignment_off(tiny_shards, tiny_expert, tmp_path):
+    from fadscale.cache_features import build_cache
+
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__max_steps=4,
+                     align__until_step=2)
+    build_cache(cfg)
+    train_fad(cfg)
+    records = {r["step"]: r for r in read_metrics(tmp_path / "run")}
+    assert all("loss/align" in records[s] for s in (1, 2))
+    assert all("loss/align" not in records[s] and records[s]["loss/total"] == records[s]["loss/noise"] for s in (3, 4))
+
+
+def test_objective_targets_and_min_snr_weights():
+    from diffusers import DDPMScheduler
+
+    from fadscale.objective import add_noise, min_snr_weights, noise_loss
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    clean = torch.rand(4, 1, 8, 8) * 2 - 1
+    eps = add_noise(scheduler, clean, torch.Generator().manual_seed(0), prediction_type="epsilon")
+    v = add_noise(scheduler, clean, torch.Generator().manual_seed(0), prediction_type="v_prediction")
+    torch.testing.assert_close(eps.noisy, v.noisy)  # the same draw
+    alpha = scheduler.alphas_cumprod[v.timesteps].view(-1, 1, 1, 1)
+    noise = eps.target
+    torch.testing.assert_close(eps.noisy, alpha.sqrt() * clean + (1 - alpha).sqrt() * noise)
+    torch.testing.assert_close(v.target, alpha.sqrt() * noise - (1 - alpha).sqrt() * clean)
+    t = torch.tensor([1, 500, 999])
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    torch.testing.assert_close(min_snr_weights(scheduler.alphas_cumprod, t, 5.0, "epsilon"), snr.clamp(max=5) / snr)
+    torch.testing.assert_close(min_snr_weights(scheduler.alphas_cumprod, t, 5.0, "v_prediction"),
+                               snr.clamp(max=5) / (snr + 1))
+    weights = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    assert noise_loss(eps.target, torch.zeros_like(eps.target), weights) == pytest.approx(
+        eps.target[1].pow(2).mean().item() / 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("option", ["min_snr", "epsilon"])
+def test_loss_options_change_the_loss_of_the_same_draw(option, tiny_shards, tiny_expert, tmp_path):
+    from fadscale.cache_features import build_cache
+
+    base = fad_config(tiny_shards, tiny_expert, tmp_path / "base", tmp_path / "cache", train__max_steps=2)
+    build_cache(base)
+    changed = {"min_snr": {"noise__min_snr_gamma": 1.0}, "epsilon": {"noise__prediction_type": "epsilon"}}[option]
+    other = fad_config(tiny_shards, tiny_expert, tmp_path / "other", tmp_path / "cache", train__max_steps=2, **changed)
+    train_fad(base)
+    train_fad(other)
+    a, b = read_metrics(tmp_path / "base")[0], read_metrics(tmp_path / "other")[0]
+    assert a["loss/align"] == pytest.approx(b["loss/align"], rel=1e-5)  # the same weights, input and target
+    assert a["loss/noise"] != pytest.approx(b["loss/noise"], rel=1e-3)
+    if option == "min_snr":  # gamma 1 caps every weight at 1 / (SNR + 1) <= 1
+        assert b["loss/noise"] < a["loss/noise"]
+
+
+def test_gradient_accumulation_steps_once_per_k_micro_batches(tiny_shards, tiny_expert, tmp_path):
+    from fadscale.cache_features import build_cache
+
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__max_steps=3,
+                     train__grad_accum=2)
+    build_cache(cfg)
+    train_fad(cfg)
+    state = json.loads((tmp_path / "run/checkpoints/step-00000003/trainer_state.json").read_text())
+    assert (state["step"], state["micro"]) == (3, 6)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    schedule = torch.load(tmp_path / "run/checkpoints/step-00000003/schedule.pt", weights_only=True)
+    assert schedule["last_epoch"] == 3  # one schedule step per optimizer step
+
+
+def test_keep_last_prunes_older_checkpoints(tiny_shards, tiny_expert, tmp_path):
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__max_steps=5,
+                     checkpoint__every=1, checkpoint__keep_last=2, align__enabled=False)
+    train_fad(cfg)
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+
+
+def test_a_pretrained_unet_folder_is_loaded_and_trained(tiny_shards, tiny_expert, tmp_path):
+    """A diffusers UNet folder (4 latent channels, no class embedding, as SD's) becomes a 1-channel pixel
+    UNet with the rest of its weights kept and a zero class embedding, so it starts as the loaded one."""
+    torch.manual_seed(3)
+    source = build_unet("cpu-tiny", 4, 32)
+    source.save_pretrained(tmp_path / "pretrained" / "unet")
+    loaded = build_unet("cpu-tiny", 1, 32, pretrained=str(tmp_path / "pretrained"), class_embeds=9)
+    assert loaded.conv_in.in_channels == 1 and loaded.conv_out.out_channels == 1
+    kept = {k: v for k, v in source.state_dict().items() if not k.startswith(("conv_in", "conv_out"))}
+    for key, value in kept.items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+    assert loaded.class_embedding.weight.abs().sum() == 0
+    x, t, tokens = torch.randn(2, 1, 32, 32), torch.tensor([10, 900]), torch.randn(2, 1, 32)
+    plain = build_unet("cpu-tiny", 1, 32, pretrained=str(tmp_path / "pretrained"))
+    plain.conv_in.load_state_dict(loaded.conv_in.state_dict())
+    plain.conv_out.load_state_dict(loaded.conv_out.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, tokens, class_labels=torch.tensor([0, 5])).sample,
+                                   plain(x, t, tokens).sample)
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__max_steps=2,
+                     model__pretrained=str(tmp_path / "pretrained"), align__enabled=False)
+    train_fad(cfg)
+    assert json.loads((tmp_path / "run/final/unet/config.json").read_text())["num_class_embeds"] == 9

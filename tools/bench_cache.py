@@ -1,11 +1,8 @@
 """Benchmark the feature cache: what building it costs, what it stores, and what it removes from each step.
 
-    python tools/bench_cache.py                # ResNet50 @224 build, tiny-sd step; batch 4 (CPU), 4 and 8 (GPU)
-                                               # (2 CPU cores: ~6 min idle, ~16 min shared; a tiny-sd step at
-                                               # 64px, batch 4, fp32 is ~1-3 min there)
-    python tools/bench_cache.py --quick        # resnet18 @64 build, cpu-small step, batch 2: a smoke run
-                                               # (2 CPU cores: ~40 s idle, ~3 min shared)
-    python tools/bench_cache.py --batches 4 8  # the step part at batch 8 too (doubles the step part on CPU)
+    python tools/bench_cache.py --threads 2    # ResNet50 @224 build; tiny-sd step with and without the cache
+    python tools/bench_cache.py --quick        # resnet18 @64 build, cpu-base step at batch 2: a smoke run
+    python tools/bench_cache.py --batches 4 8  # the step part at batch 8 too
     python tools/bench_cache.py --skip-build   # only the per-step part (--skip-step: only the build)
 
 1. Build: procedural grayscale tiles (`--tiles` per class, 8 classes, `--size` px) are sharded, all into
@@ -14,19 +11,12 @@
    tiles_built / build_seconds from the cache manifest (the encode loop: decode, 8 views, expert forward,
    fp16 .npy, tar write; the model load is excluded, the wall time with it is reported too); bytes/tile is
    the manifest's bytes_per_tile (tile PNG + cached arrays + tar framing).
-2. Per-step cost the cache removes: the forward time of the expert on `batch` noisy 64x64 tiles resized
-   to its 224 input (`features`: what the seed projector aligns to), for ResNet50 and ViT-L/16 (timm,
-   in_chans 1, random weights); of the CLIP ViT-L/14 text tower (random weights, `batch` prompts x 77
-   tokens, which the seed encodes every step); and of one FAD training step with the cache (UNet +
-   alignment projector against a cached target, forward + backward + AdamW: the `fad` arm of
-   tools/bench_step.py). The step runs in bf16 autocast on a GPU and fp32 on CPU (`--step-precision`;
-   the trainer's `mixed_precision: auto` does the same: bf16 autocast on a CPU without native bf16 is ~6x
-   slower than fp32). The expert and text forwards run in fp32, as the trainer's online expert (outside
-   autocast) and the seed do (`--forward-precision bf16`: in autocast). Every arm has one untimed call
-   at `--warmup-batch`; then the arms are timed interleaved, rep by rep (`--reps`, median), so a load
-   change on a shared machine hits all of them alike.
-   Ratios per expert and batch: over_step = (expert + text) / step, the time an uncached step adds;
-   removed share = (expert + text) / (expert + text + step), the part of an uncached step the cache removes.
+2. Per-step cost the cache removes: the trainer's real step (tools/bench_step.py, `Trainer.step` of the
+   FAD task) with the cache and without it (align.target noisy-online: the expert, at 224 px, runs on every
+   noisy batch, as the reference does), for each expert in `--experts` (random weights; ResNet50 and
+   ViT-L/16 by default). Ratios per expert and batch: uncached / cached step time, and the share of the
+   uncached step the cache removes. (The reference also runs the CLIP text tower every step; fadscale
+   computes the class tokens once, in the cache, so no step of either arm has it.)
 
 A readable table, then one JSON object on the last line with every number.
 """
@@ -149,106 +139,34 @@ def bench_build(args, root: Path) -> dict:
 # ------------------------------------------------------------------------------------------- step
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def bench_step_cost(args) -> dict:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """The trainer's step with the cache (`fad`) and without it (`fad-online`: the expert on every noisy
+    batch), for each expert, timed by tools/bench_step.py (Trainer.step of the FAD task)."""
+    from fadscale.runtime.distributed import cpu_threads
 
-    from fadscale.models.expert import Expert, expert_input
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.step_precision == "auto":  # the trainer's mixed_precision auto: bf16 on a GPU, fp32 on CPU
-        args.step_precision = "bf16" if device.type == "cuda" else "fp32"
-    card = {"input_size": 224, "in_chans": 1, "normalization": NORMALIZATION}
-    forward_autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.forward_precision == "bf16")
-    build_seconds = {}
-
-    experts = {}
-    for arch in args.experts:
-        start = time.perf_counter()
-        torch.manual_seed(0)
-        experts[arch] = Expert(arch, 8, 1, 224).to(device).eval().requires_grad_(False)
-        build_seconds[f"expert:{arch}"] = time.perf_counter() - start
-    start = time.perf_counter()
-    # CLIP ViT-L/14's text tower (SD 1.5's), random weights, as in tools/bench_step.py.
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                        num_attention_heads=12, projection_dim=768)).to(device).eval()
-    build_seconds["text"] = time.perf_counter() - start
-    start = time.perf_counter()
-    # The projector is sized for a 2048-d target (ResNet50's); ViT-L's 1024-d one changes the step by little.
-    model, optimizer, extras = bench_step.build_arm("fad", args.unet_preset, args.step_size, args.batches[0], False,
-                                                    device)
-    build_seconds["step"] = time.perf_counter() - start
-
-    def arms(batch: int) -> dict:
-        gen = torch.Generator().manual_seed(batch)
-        noisy = torch.randn(batch, 1, args.step_size, args.step_size, generator=gen).to(device)
-        ids = torch.randint(0, 49408, (batch, TEXT_TOKENS), generator=gen).to(device)
-
-        def expert_forward(arch):
-            def run():
-                with torch.no_grad(), forward_autocast:
-                    experts[arch].features(expert_input(noisy, card))
-            return run
-
-        def text_forward():
-            with torch.no_grad(), forward_autocast:
-                text(input_ids=ids)
-
-        def step():
-            bench_step.one_step("fad", model, optimizer, extras, batch, args.step_size, args.step_precision, device)
-
-        return {**{f"expert:{arch}": expert_forward(arch) for arch in args.experts}, "text": text_forward,
-                "step": step}
-
-    if args.warmup_batch:
-        # Untimed and cheap: the step's first call creates AdamW's state; every arm initialises its kernels.
-        start = time.perf_counter()
-        for fn in arms(args.warmup_batch).values():
-            fn()
-        build_seconds["warmup"] = time.perf_counter() - start
-    times: dict[int, dict[str, list[float]]] = {}
-    for batch in args.batches:
-        fns = arms(batch)
-        times[batch] = {name: [] for name in fns}
-        for rep in range(args.reps):
-            for name, fn in fns.items():  # interleaved: a load change hits every arm alike
-                times[batch][name].append(timed(fn, device))
-            print(f"  step cost batch {batch} rep {rep + 1}/{args.reps}: "
-                  + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times[batch].items()), file=sys.stderr, flush=True)
-
-    results = {}
-    for batch, arm_times in times.items():
-        medians = {name: statistics.median(values) for name, values in arm_times.items()}
-        ratios = {}
+    threads = args.threads or cpu_threads()
+    precision = args.step_precision
+    if precision == "auto":  # the trainer's mixed_precision auto: bf16 on a GPU; bf16 autocast pays on this CPU too
+        precision = "bf16"
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench_cache_step_") as tmp:
         for arch in args.experts:
-            removed = medians[f"expert:{arch}"] + medians["text"]
-            paired = [(e + t) / s
-                      for e, t, s in zip(arm_times[f"expert:{arch}"], arm_times["text"], arm_times["step"])]
-            ratios[arch] = {
-                "expert_plus_text_s": removed,
-                "over_step": removed / medians["step"],
-                "over_step_paired_median": statistics.median(paired),
-                "removed_share_of_uncached_step": removed / (removed + medians["step"]),
-                "uncached_over_cached_step": (removed + medians["step"]) / medians["step"],
-            }
-        results[batch] = {"median_s": medians, "times_s": arm_times, "ratios": ratios}
-    return {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-            "unet_preset": args.unet_preset, "step_size": args.step_size, "step_precision": args.step_precision,
-            "forward_precision": args.forward_precision, "experts": args.experts, "reps": args.reps,
-            "warmup_batch": args.warmup_batch, "text_tokens": TEXT_TOKENS, "setup_seconds": build_seconds,
-            "batches": {str(b): r for b, r in results.items()}}
+            paths = bench_step.prepare(Path(tmp), args.step_size, 2, arch, 224)
+            for batch in args.batches:
+                arms = {}
+                for arm in ("fad", "fad-online"):
+                    spec = dict(arm=arm, preset=args.unet_preset, size=args.step_size, batch=batch,
+                                precision=precision, ckpt=False, reps=args.reps, threads=threads, **paths)
+                    arms[arm] = bench_step.run_arm(spec)
+                    print(f"  step {arch} batch {batch} {arm}: {arms[arm]['s_per_step']:.3f} s", file=sys.stderr,
+                          flush=True)
+                cached, uncached = arms["fad"]["s_per_step"], arms["fad-online"]["s_per_step"]
+                results.setdefault(str(batch), {})[arch] = {
+                    "cached_s": cached, "uncached_s": uncached, "uncached_over_cached": uncached / cached,
+                    "removed_share_of_uncached_step": 1 - cached / uncached}
+    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "unet_preset": args.unet_preset, "step_size": args.step_size, "step_precision": precision,
+            "experts": args.experts, "reps": args.reps, "threads": threads, "batches": results}
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -270,21 +188,15 @@ def print_build(build: dict) -> None:
 
 
 def print_step(step: dict) -> None:
-    print(f"per-step cost removed ({step['device']}; expert + text {step['forward_precision']}, "
-          f"step = {step['unet_preset']} UNet + projector {step['step_precision']} fwd+bwd+AdamW at "
-          f"{step['step_size']}px; median of {step['reps']} interleaved reps)")
-    print(f"  {'batch':>5s} {'arm':32s} {'median s':>9s}")
-    for batch, r in step["batches"].items():
-        for name, value in r["median_s"].items():
-            label = {"text": "text CLIP-L/14 (77 tok)", "step": f"FAD step ({step['unet_preset']}, cached)"}.get(
-                name, name.replace("expert:", "expert ") + " @224")
-            print(f"  {batch:>5s} {label:32s} {value:9.3f}")
-    print(f"  {'batch':>5s} {'expert':24s} {'(exp+text)/step':>16s} {'paired':>7s} {'removed share':>14s} "
-          f"{'uncached/cached':>16s}")
-    for batch, r in step["batches"].items():
-        for arch, q in r["ratios"].items():
-            print(f"  {batch:>5s} {arch:24s} {q['over_step']:16.2f} {q['over_step_paired_median']:7.2f} "
-                  f"{q['removed_share_of_uncached_step']:13.1%} {q['uncached_over_cached_step']:16.2f}")
+    print(f"per-step cost the cache removes ({step['device']}; Trainer.step of the FAD task, {step['unet_preset']} "
+          f"UNet at {step['step_size']}px, {step['step_precision']}, {step['threads']} threads; median of "
+          f"{step['reps']} steps; uncached = align.target noisy-online: the expert @224 on each noisy batch)")
+    print(f"  {'batch':>5s} {'expert':24s} {'cached s':>9s} {'uncached s':>11s} {'uncached/cached':>16s} "
+          f"{'removed share':>14s}")
+    for batch, per_arch in step["batches"].items():
+        for arch, q in per_arch.items():
+            print(f"  {batch:>5s} {arch:24s} {q['cached_s']:9.3f} {q['uncached_s']:11.3f} "
+                  f"{q['uncached_over_cached']:16.2f} {q['removed_share_of_uncached_step']:13.1%}")
 
 
 def main() -> None:
@@ -298,19 +210,16 @@ def main() -> None:
     parser.add_argument("--cache-batch", type=int, default=8, help="tiles per expert forward (x8 views)")
     parser.add_argument("--repeats", type=int, help="builds per mode (median); default 1, quick 3")
     parser.add_argument("--modes", nargs="+", default=["pooled", "spatial"], choices=["pooled", "spatial"])
-    parser.add_argument("--experts", nargs="+", default=["resnet50", "vit_large_patch16_224"],
-                        help="timm archs timed per step (at 224, in_chans 1)")
-    parser.add_argument("--unet-preset", help="default tiny-sd, quick cpu-small")
+    parser.add_argument("--experts", nargs="+", help="timm archs of the step part (at 224, in_chans 1); default "
+                        "resnet50 vit_large_patch16_224, quick resnet18")
+    parser.add_argument("--unet-preset", help="default tiny-sd, quick cpu-base")
     parser.add_argument("--step-size", type=int, default=64, help="tile size of the training step (px)")
     parser.add_argument("--batches", type=int, nargs="+",
                         help="default 4 8 on a GPU, 4 on CPU (a tiny-sd step at 64px is minutes there); quick 2")
     parser.add_argument("--reps", type=int, default=3, help="timed reps per arm and batch (median)")
-    parser.add_argument("--warmup-batch", type=int, default=1, help="batch of the one untimed call per arm; 0: none")
-    parser.add_argument("--forward-precision", choices=["fp32", "bf16"], default="fp32",
-                        help="expert and text forwards; fp32 as the trainer's online expert and the seed")
     parser.add_argument("--step-precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="auto: bf16 autocast on a GPU, fp32 on CPU (bf16 on a CPU without native bf16 "
-                             "is several times slower)")
+                        help="the step's precision (auto: bf16 autocast)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all CPUs)")
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--keep", help="build in this folder and keep it (default: a temporary folder)")
@@ -320,9 +229,13 @@ def main() -> None:
     args.expert = args.expert or ("resnet18" if q else "resnet50")
     args.input_size = args.input_size or (64 if q else 224)
     args.repeats = args.repeats or (3 if q else 1)
-    args.unet_preset = args.unet_preset or ("cpu-small" if q else "tiny-sd")
+    args.unet_preset = args.unet_preset or ("cpu-base" if q else "tiny-sd")
     args.batches = args.batches or ([2] if q else [4, 8] if torch.cuda.is_available() else [4])
+    args.experts = args.experts or (["resnet18"] if q else ["resnet50", "vit_large_patch16_224"])
 
+    from fadscale.runtime.distributed import set_cpu_threads
+
+    set_cpu_threads(args.threads)
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
     summary = {"bench": "cache", "quick": q, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}

@@ -430,6 +430,17 @@ def train_loader(shard_dir, *, batch_size: int, image_size: int, channels: int, 
     return _loader(stream, max(0, min(workers, batches - start_batch)))
 
 
+def loader_from_config(cfg, source, *, epoch: int, rank: int, world_size: int, features: tuple[str, ...] = (),
+                       start_batch: int = 0, samples_per_epoch: int | None = None, seed: int | None = None) -> DataLoader:
+    """`train_loader` over `source` (shards or a feature cache) with a config's `data` and `run.seed`."""
+    data = cfg.data
+    return train_loader(source, batch_size=data.batch_size, image_size=data.image_size, channels=data.channels,
+                        seed=cfg.run.seed if seed is None else seed, epoch=epoch, rank=rank, world_size=world_size,
+                        workers=data.workers, shuffle_buffer=data.shuffle_buffer,
+                        samples_per_epoch=samples_per_epoch or data.samples_per_epoch, views=data.views,
+                        subset=data.subset, subset_seed=data.subset_seed, features=features, start_batch=start_batch)
+
+
 def eval_loader(shard_dir, *, split: str = "val", batch_size: int, image_size: int, channels: int,
                 rank: int = 0, world_size: int = 1, workers: int = 0, subset: str = "all",
                 subset_seed: int = 0, features: tuple[str, ...] = ()) -> DataLoader:

@@ -1,0 +1,67 @@
+"""The FAD objective as plain functions of tensors: noise sampling, the epsilon / v targets, min-SNR
+weights, the noise loss and the alignment (cosine) loss. The FAD task's step (train_fad.FadTask) is
+built from these, and tools/bench_step.py times that same step.
+
+    loss = mean_b( w_b * mse(unet(noisy_b, t_b, class_b), target_b) ) + align.weight * (1 - cos(feature, expert))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """The randomness of one micro-batch, from (seed, micro-step, rank) alone: a resumed run draws the same
+    noise, timesteps and label drops as an uninterrupted one."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + micro_step * 1_009 + rank)
+
+
+@dataclass
+class Noised:
+    noisy: torch.Tensor  # the UNet's input
+    timesteps: torch.Tensor  # [B] long
+    target: torch.Tensor  # what the UNet predicts: the noise (epsilon) or the velocity (v)
+    drop: torch.Tensor  # [B] bool: the class replaced by the null class (classifier-free guidance)
+
+
+def add_noise(scheduler, clean: torch.Tensor, generator: torch.Generator, *, label_dropout: float = 0.0,
+              prediction_type: str = "epsilon") -> Noised:
+    """Noise a batch of clean tiles (or latents) at uniformly drawn timesteps with a diffusers DDPM
+    scheduler; all random draws come from `generator` (on the CPU, then moved to the batch's device)."""
+    device, batch = clean.device, clean.shape[0]
+    noise = torch.randn(clean.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
+    drop = (torch.rand(batch, generator=generator) < label_dropout).to(device)
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(clean, noise, timesteps)
+    return Noised(noisy, timesteps, target, drop)
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v."""
+    alphas = alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def noise_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample (over channels and pixels), optionally weighted, then averaged."""
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+def cosine_alignment_loss(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 - cosine similarity along dim 1, averaged over samples and locations; the mean cosine, detached)."""
+    cos = F.cosine_similarity(prediction.float(), target.float(), dim=1)
+    return (1.0 - cos).mean(), cos.mean().detach()
+
+
+def total_loss(noise: torch.Tensor, align: torch.Tensor | None, weight: float) -> torch.Tensor:
+    return noise if align is None else noise + weight * align
