@@ -26,6 +26,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from fadscale import __version__
+from fadscale.artifacts import CACHE_MANIFEST
 from fadscale.conditioning import CONDITIONING_FILE, class_prompts, encode_prompts, save_table
 from fadscale.config import FadConfig
 from fadscale.data.loader import NUM_VIEWS, apply_view, decode_image
@@ -37,7 +38,6 @@ from fadscale.runtime.entry import run_entry
 from fadscale.runtime.io import FadscaleError, atomic_write_json, read_json, sha256_file
 from fadscale.runtime.logging import log_line
 
-CACHE_FORMAT = "fadscale-feature-cache"
 
 
 def uses_cache(cfg: FadConfig) -> bool:
@@ -73,12 +73,15 @@ def check_cache(cfg: FadConfig, card: dict) -> dict:
     path = Path(cfg.cache.dir) / "manifest.json"
     if not path.is_file():
         raise FadscaleError(f"{cfg.cache.dir}: no complete feature cache (manifest.json missing); {rebuild_hint(cfg)}")
-    manifest = read_json(path, "cache manifest")
-    built = manifest.get("cache", {}).get("fingerprint", {})
+    try:
+        manifest = CACHE_MANIFEST.read(path)
+    except FadscaleError as exc:
+        raise FadscaleError(f"{exc}; {rebuild_hint(cfg)}") from None
+    built = manifest["cache"]["fingerprint"]
     wanted = fingerprint(cfg, card)
     differs = [key for key in wanted if built.get(key) != wanted[key]]
-    if manifest.get("cache", {}).get("format") != CACHE_FORMAT or differs:
-        what = ", ".join(f"{k} (cache: {built.get(k)!r}, config: {wanted[k]!r})" for k in differs[:2]) or "format"
+    if differs:
+        what = ", ".join(f"{k} (cache: {built.get(k)!r}, config: {wanted[k]!r})" for k in differs[:2])
         raise FadscaleError(f"{cfg.cache.dir}: stale feature cache, built with other inputs: {what}; {rebuild_hint(cfg)}")
     return manifest
 
@@ -195,7 +198,7 @@ def build_cache(cfg: FadConfig, overwrite: bool = False) -> dict:
     if world.is_main:
         manifest = _write_manifest(cfg, card, source, wanted, elapsed, total)
     barrier()
-    return read_json(manifest_path) if not world.is_main else manifest
+    return CACHE_MANIFEST.read(manifest_path) if not world.is_main else manifest
 
 
 def _write_manifest(cfg: FadConfig, card: dict, source: dict, wanted: dict, elapsed: float, built: int) -> dict:
@@ -215,7 +218,6 @@ def _write_manifest(cfg: FadConfig, card: dict, source: dict, wanted: dict, elap
         "splits": {"train": {**source["splits"]["train"], "shards": shards, "count": count},
                    "val": {"count": 0, "per_class": {}, "shards": []}},
         "cache": {
-            "format": CACHE_FORMAT,
             "fingerprint": wanted,
             "source": str(Path(cfg.data.shards).resolve()),
             "expert": str(Path(card["_path"]).resolve()),
@@ -230,8 +232,7 @@ def _write_manifest(cfg: FadConfig, card: dict, source: dict, wanted: dict, elap
             "tool_version": __version__,
         },
     }
-    atomic_write_json(out / "manifest.json", manifest)
-    return manifest
+    return CACHE_MANIFEST.write(out, manifest)
 
 
 def _array_shapes(out: Path, shard_name: str) -> dict:

@@ -379,10 +379,6 @@ def _explain(model: type[BaseModel], err: dict, tree: Any = None) -> tuple[str, 
     return key, message
 
 
-def _format_error(model: type[BaseModel], source: str, err: dict, tree: Any = None) -> str:
-    return f"{source}: {_explain(model, err, tree)[1]}"
-
-
 def _validate(model: type[ConfigT], tree: dict) -> ConfigT | tuple[str, str]:
     """The config, or (key, message) for the first problem."""
     tree = _fill_sections(model, tree)

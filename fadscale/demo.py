@@ -230,7 +230,7 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
         return f"{_fmt(value)} {'pass' if passed else 'FAIL' if passed is False else ''}".strip()
 
     bar_names = [(what, bar) for what, _, bar, _ in next(iter(bars.values()))]
-    md = [f"# fadscale demo report\n",
+    md = ["# fadscale demo report\n",
           f"fadscale {__version__}; {time.strftime('%Y-%m-%d %H:%M')}; {torch.get_num_threads()} CPU threads; "
           f"total {total_seconds:.0f} s.\n",
           "Vanilla = plain training; FAD = the same plus the feature-alignment loss. Both use the same "

@@ -47,10 +47,10 @@ from typing import Iterable
 
 import yaml
 
+from fadscale.resources import shipped
 from fadscale.runtime.io import FadscaleError, atomic_write_text
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_DIR = REPO_ROOT / "launch"
+LAUNCH_DIR = shipped("launch")  # launch/ of the source tree, or its copy inside the installed package
 SBATCH_TEMPLATE = LAUNCH_DIR / "slurm" / "job.sbatch"
 ACCELERATE_DIR = LAUNCH_DIR / "accelerate"
 
@@ -125,13 +125,15 @@ def _deepspeed_json(accel_cfg: Path, data: dict) -> Path | None:
     """The absolute path of a DeepSpeed accelerate config's deepspeed_config_file, if any.
 
     accelerate resolves a relative one against the current directory; we try the submit directory,
-    the repository root (the shipped `launch/deepspeed/zero2.json`) and the yaml's folder."""
+    the shipped launch/ folder (`launch/deepspeed/zero2.json`) and the yaml's folder."""
     ds = data.get("deepspeed_config") or {}
     value = ds.get("deepspeed_config_file") if isinstance(ds, dict) else None
     if not value:
         return None
     path = Path(value).expanduser()
-    tries = [path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path, accel_cfg.parent / path]
+    tries = [path] if path.is_absolute() else [Path.cwd() / path, LAUNCH_DIR.parent / path, accel_cfg.parent / path]
+    if not path.is_absolute() and path.parts[:1] == ("launch",):  # launch/... inside an installed package
+        tries.append(LAUNCH_DIR.joinpath(*path.parts[1:]))
     for candidate in tries:
         if candidate.is_file():
             return candidate.resolve()

@@ -19,17 +19,15 @@ from pathlib import Path
 from typing import Callable
 
 from fadscale.config import ExpertConfig, FadConfig, load_config
+from fadscale.resources import shipped
 from fadscale.runtime.io import FadscaleError
 from fadscale.runtime.logging import log_line
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
-
-
 def tiny_config(model, name: str, overrides: list[str]):
-    path = CONFIGS / name
+    """A CPU-sized config of configs/tiny/ (shipped with the package) with overrides."""
+    path = shipped("configs") / "tiny" / name
     if not path.is_file():
-        raise FadscaleError(f"{path}: the tiny configs ship with the source tree; install fadscale with "
-                            f"`pip install -e .` from a clone")
+        raise FadscaleError(f"{path}: missing from this installation of fadscale; reinstall it")
     return load_config(model, path, overrides)
 
 

@@ -40,18 +40,16 @@ from pydantic import Field, model_validator
 from safetensors.torch import load_file
 
 from fadscale import __version__
+from fadscale.artifacts import HEAD_FILE, RUN_CARD, SAMPLE_MANIFEST
 from fadscale.config import Section, build_config, save_config, with_settings
 from fadscale.runtime.entry import run_entry
-from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_json, git_commit, read_json
+from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_json, git_commit
 from fadscale.runtime.logging import log_line
 from fadscale.sampling import generate, grid, make_scheduler, to_uint8
 
 SAMPLES_DIR = "samples"
-MANIFEST = "manifest.json"
-FORMAT = "fadscale-samples"
+MANIFEST = SAMPLE_MANIFEST.filename
 FORMAT_VERSION = 1
-RUN_CARD = "run_card.json"
-HEAD_FILE = "fad_head.safetensors"
 SEED_RULE = "int.from_bytes(sha256(f'fadscale-sample:{base}:{class_index}:{index}:{attempt}')[:8], 'big') >> 1"
 DEFAULT_STEPS = {"dpm++": 25, "ddim": 50}
 
@@ -124,22 +122,11 @@ def resolve_final(path: str | Path) -> Path:
     """The final/ folder of a run folder (or the folder itself when it holds the run card)."""
     path = Path(path)
     for candidate in (path / "final", path):
-        if (candidate / RUN_CARD).is_file():
+        if (candidate / RUN_CARD.filename).is_file():
             return candidate
     if not path.exists():
         raise FadscaleError(f"model.path {path}: not found")
-    raise FadscaleError(f"model.path {path}: no final/{RUN_CARD} (has training finished?)")
-
-
-def read_run_card(final: Path) -> dict:
-    card = read_json(final / RUN_CARD, "run card")
-    if not isinstance(card, dict) or card.get("format") != "fadscale-fad-run":
-        raise FadscaleError(f"{final / RUN_CARD}: not a fadscale FAD run card")
-    missing = [k for k in ("classes", "space", "channels", "image_size", "sample_size", "null_index", "noise")
-               if k not in card]
-    if missing:
-        raise FadscaleError(f"{final / RUN_CARD}: missing {', '.join(missing)}")
-    return card
+    raise FadscaleError(f"model.path {path}: no final/{RUN_CARD.filename} (has training finished?)")
 
 
 @dataclass
@@ -160,7 +147,7 @@ def load_run(path: str | Path, weights: str = "ema", device: torch.device | str 
     from diffusers import UNet2DConditionModel
 
     final = resolve_final(path)
-    card = read_run_card(final)
+    card = RUN_CARD.read(final)
     folder, fallback = ("unet_ema", False) if weights == "ema" else ("unet", False)
     if folder == "unet_ema" and not (final / "unet_ema").is_dir():
         folder, fallback = "unet", True
@@ -337,11 +324,11 @@ def _write_shards(folder: Path, names: list[str], records: list[dict], channels:
     fadscale.data.loader (e.g. to train a classifier on synthetic tiles)."""
     import json
 
-    from fadscale.data.shard import FORMAT as SHARD_FORMAT, FORMAT_VERSION as SHARD_VERSION, _ShardWriter
+    from fadscale.data.shard import MANIFEST as SHARD_MANIFEST, ShardWriter, shard_manifest
 
     out = folder / "shards"
     out.mkdir()
-    writer = _ShardWriter(out, "train", per_shard, 1 << 40)
+    writer = ShardWriter(out, "train", per_shard, 1 << 40)
     counts = {name: 0 for name in names}
     for rec in sorted(records, key=lambda r: (r["class_index"], r["index"])):
         key = f"{rec['class_index']:02d}_gen{rec['index']:07d}"
@@ -350,19 +337,12 @@ def _write_shards(folder: Path, names: list[str], records: list[dict], channels:
         writer.write(key, {"cls": str(rec["class_index"]).encode("ascii"), "png": (folder / rec["file"]).read_bytes(),
                            "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
         counts[rec["class"]] += 1
-    shards = writer.close()
     classes = [{"index": i, "name": name, "folder": class_dir_name(name)} for i, name in enumerate(names)]
-    manifest = {
-        "format": SHARD_FORMAT, "format_version": SHARD_VERSION, "tool_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(source), "kind": "generated", "spec": None, "root": None},
-        "image": {"mode": "L" if channels == 1 else "RGB", "channels": channels, "sizes": {f"{size}x{size}": len(records)}},
-        "classes": classes, "seed": None, "val_fraction": 0.0,
-        "splits": {"train": {"count": len(records), "per_class": counts, "shards": shards},
-                   "val": {"count": 0, "per_class": {name: 0 for name in names}, "shards": []}},
-        "skipped": [],
-    }
-    atomic_write_json(out / "manifest.json", manifest)
+    manifest = shard_manifest(source={"path": str(source), "kind": "generated", "spec": None, "root": None},
+                              channels=channels, sizes={f"{size}x{size}": len(records)}, classes=classes, seed=None,
+                              val_fraction=0.0, per_class={"train": counts}, shards={"train": writer.close()},
+                              skipped=[])
+    atomic_write_json(out / SHARD_MANIFEST, manifest)
     return "shards"
 
 
@@ -443,7 +423,7 @@ def sample_images(cfg: SampleConfig) -> dict:
                 manifest["shards"] = _write_shards(folder, names, everything, sampler.out_channels,
                                                    int(card["image_size"]), cfg.output.shard_samples, loaded.final)
             save_config(cfg, folder / "config.yaml")
-            atomic_write_json(folder / MANIFEST, manifest)
+            manifest = SAMPLE_MANIFEST.write(folder, manifest)
     accelerator.wait_for_everyone()
     log_line(f"wrote {final_dir}: {total} tiles, {manifest['timing']['s_per_image']:.3f} s/image"
              + (f", {manifest['filter']['rejected']} rejected by the filter" if cfg.filter.enabled else ""), is_main)
@@ -464,7 +444,6 @@ def _manifest(cfg: SampleConfig, loaded: LoadedRun, sampler: Sampler, names: lis
         failing += rec["passed_filter"] is False
     size = int(card["image_size"])
     return {
-        "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tool_version": __version__,
@@ -497,11 +476,7 @@ def _manifest(cfg: SampleConfig, loaded: LoadedRun, sampler: Sampler, names: lis
 
 
 def read_sample_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
-    manifest = read_json(path, "sample manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise FadscaleError(f"{path}: not a fadscale sample manifest")
-    return manifest
+    return SAMPLE_MANIFEST.read(Path(folder))
 
 
 def run(cfg: SampleConfig) -> int:

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fadscale import __version__
+from fadscale.artifacts import HEAD_FILE, RUN_CARD
 from fadscale.align import FeatureTap, build_projector, top_direction_share
 from fadscale.cache_features import check_cache, needs_spatial, uses_cache
 from fadscale.conditioning import CONDITIONING_FILE, ClassConditioning, load_table
@@ -37,16 +38,13 @@ from fadscale.models.unet import build_unet, count_parameters, get_module, probe
 from fadscale.models.vae import vae_scaling_factor
 from fadscale.objective import add_noise, min_snr_weights, noise_loss, step_generator, total_loss
 from fadscale.runtime.entry import run_entry
-from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_json, git_commit
+from fadscale.runtime.io import FadscaleError, atomic_output_dir, git_commit
 from fadscale.runtime.logging import log_line, read_metrics
 from fadscale.runtime.schedule import make_scheduler
 from fadscale.sampling import generate, grid, make_scheduler as make_sampler, noise_config
 from fadscale.training.backend import AccelerateBackend
 from fadscale.training.task import LoopSettings, LoopView, TrainParts
 from fadscale.training.trainer import Trainer
-
-HEAD_FILE = "fad_head.safetensors"
-
 
 class FadModel(nn.Module):
     """UNet + class conditioning + (optional) alignment projector: one module, so DDP/DeepSpeed wrap
@@ -365,7 +363,6 @@ class FadTask:
             for record in read_metrics(self.out):
                 last.update(record)
             card = {
-                "format": "fadscale-fad-run",
                 "step": state["step"],
                 "method": "fad" if cfg.align.enabled else "vanilla",
                 "classes": self.classes,
@@ -391,7 +388,7 @@ class FadTask:
                 "git_commit": git_commit(),
                 "torch": torch.__version__,
             }
-            atomic_write_json(folder / "run_card.json", card)
+            RUN_CARD.write(folder, card)
         logger.hparams({"method": card["method"], "lr": cfg.optim.lr, "align_weight": cfg.align.weight,
                         "projector": cfg.align.projector, "layer": cfg.align.layer, "batch": cfg.data.batch_size},
                        {"hparam/final_noise_loss": float(last.get("loss/noise", math.nan)),

@@ -1,4 +1,5 @@
-"""`fadscale demo` at its smallest setting, end to end, through the real CLI."""
+"""`fadscale demo` at its smallest setting, end to end, through the real CLI of a non-editable install
+(`pip install .` into a folder outside the source tree), which must also render a SLURM script."""
 
 from __future__ import annotations
 
@@ -7,18 +8,37 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
 
 
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """fadscale installed with `pip install .` (no dependencies: those of this environment are used) into a
+    folder of its own; returns the folder to put first on PYTHONPATH."""
+    target = tmp_path_factory.mktemp("installed")
+    build = tmp_path_factory.mktemp("build")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=600,
+                          cwd=build, env={**os.environ, "PIP_NO_INPUT": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (target / "fadscale" / "bundled" / "configs" / "tiny" / "fad.yaml").is_file()
+    return target
+
+
+def _run(installed: Path, cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(installed)}
+    return subprocess.run([sys.executable, "-m", "fadscale.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+
+
 @pytest.mark.slow
-def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
+def test_demo_runs_every_stage_and_writes_the_report(installed, tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "fadscale.cli", "demo", "--out", str(out), "--quick"],
-                          capture_output=True, text=True, timeout=900, cwd=REPO,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = _run(installed, tmp_path, "demo", "--out", str(out), "--quick")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
     assert len(re.findall(r"^\[\d+/10\] ", proc.stderr, flags=re.M)) == 10  # one progress line per stage
@@ -27,17 +47,37 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
                      "fad/final/run_card.json", "fad/final/unet_ema/config.json",
                      "samples-vanilla/samples/manifest.json", "samples-fad/samples/manifest.json",
                      "eval-vanilla/report.json", "eval-fad/report.json", "report.md", "report.html",
-                     "report-samples.png", "report-losses.png", "report-confusion.png"):
+                     "report-samples.png", "report-losses.png", "report-confusion.png", "report-curves.png"):
         assert (out / artifact).is_file(), artifact
     a, b = (json.loads((out / f"expert-{s}/expert.json").read_text()) for s in "AB")
     assert (a["data"]["subset"], b["data"]["subset"]) == ("A", "B")
-    assert json.loads((out / "fad/final/run_card.json").read_text())["method"] == "fad"
+    fad_card = json.loads((out / "fad/final/run_card.json").read_text())
+    assert fad_card["method"] == "fad" and fad_card["config"]["conditioning"]["class_embedding"]
     assert json.loads((out / "vanilla/final/run_card.json").read_text())["method"] == "vanilla"
+    # Learning curves: points at steps 3 and 6, scored by the split-B evaluator.
+    points = [json.loads(line) for line in (out / "vanilla/metrics.jsonl").read_text().splitlines()
+              if "eval/generation_accuracy" in line]
+    assert [p["step"] for p in points] == [3, 6]
+    assert all(0 <= p["eval/generation_accuracy"] <= 1 and p["eval/frechet"] > 0 for p in points)
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3  # self-contained: every plot inlined
+    assert html.count("data:image/png;base64,") == 4  # self-contained: every plot inlined
     report_md = (out / "report.md").read_text()
-    for expected in ("generation accuracy", "SSIM diversity", "Frechet distance", "FAD - vanilla",
-                     "train fad", "fadscale demo"):
-        assert expected in report_md
-    fad_acc = json.loads((out / "eval-fad/report.json").read_text())["generation_accuracy"]["overall"]
-    assert f"{fad_acc:.4f}" in report_md
+    for expected in ("Class-faithful? The bar", "generation accuracy", "Frechet ratio", "intensity gap",
+                     "SSIM diversity", "FAD - vanilla", "| better |", "train fad", "fadscale demo"):
+        assert expected in report_md, expected
+    fad_report = json.loads((out / "eval-fad/report.json").read_text())
+    assert f"{fad_report['generation_accuracy']['overall']:.3f}" in report_md
+    reference = fad_report["distances"]["reference"]
+    assert reference["frechet"] > 0 and fad_report["distances"]["frechet_ratio"] == pytest.approx(
+        fad_report["distances"]["overall"]["frechet"] / reference["frechet"])
+    assert set(fad_report["intensity"]["per_class"]) == set(fad_report["classes"])
+
+
+def test_an_installed_package_renders_a_slurm_script(installed, tmp_path):
+    config = installed / "fadscale" / "bundled" / "configs" / "tiny" / "fad.yaml"
+    proc = _run(installed, tmp_path, "submit", "train", "--config", str(config), "--nodes", "2",
+                "--gpus-per-node", "4", "--accelerate-config", "deepspeed_zero2", "--dry-run", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "#SBATCH --nodes=2" in proc.stdout
+    assert str(installed / "fadscale" / "bundled" / "launch" / "accelerate" / "deepspeed_zero2.yaml") in proc.stdout
+    assert str(installed / "fadscale" / "bundled" / "launch" / "deepspeed" / "zero2.json") in proc.stdout

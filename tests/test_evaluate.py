@@ -12,7 +12,8 @@ import torch
 import yaml
 from PIL import Image
 
-from fadscale.evaluate import evaluate_samples, export_real_tiles
+from fadscale.evaluate import evaluate_samples
+from fadscale.evaluation.inputs import export_real_tiles
 from fadscale.runtime.io import FadscaleError
 
 from .conftest import run_module

@@ -170,7 +170,7 @@ def _tar_file_bytes(member_bytes: int) -> int:
     return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
-class _ShardWriter:
+class ShardWriter:
     """Writes one split into `{split}-000000.tar`, ... and starts the next shard before one would pass
     `max_samples` or `max_bytes` (a single sample larger than `max_bytes` gets a shard of its own)."""
 
@@ -298,7 +298,7 @@ def _write_splits(staging: Path, plan, classes: list[dict], *, grayscale: bool, 
     """Decode every planned item (in write order, over `workers` processes) and write the shards."""
     by_folder = {entry["folder"]: entry for entry in classes}
     order = [(split, key, item) for split in SPLITS for key, item in plan[split]]
-    writers = {split: _ShardWriter(staging, split, max_samples, max_bytes) for split in SPLITS}
+    writers = {split: ShardWriter(staging, split, max_samples, max_bytes) for split in SPLITS}
     written = _Written({}, {split: Counter() for split in SPLITS}, Counter(), [])
     try:
         with _mapper(workers) as mapper:
@@ -345,26 +345,35 @@ def shard_dataset(src: str | Path, out: str | Path, *, val_fraction: float = 0.1
         _refuse_skips(strict, skipped)
         if not written.sizes:
             raise FadscaleError(f"{src}: no usable image among {len(source.items)} files ({_listed(skipped)})")
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "tool_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": source.path, "kind": source.kind, "spec": source.spec, "root": source.root},
-            "image": {"mode": "L" if grayscale else "RGB", "channels": 1 if grayscale else 3,
-                      "sizes": dict(sorted(written.sizes.items()))},
-            "classes": classes,
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "splits": {split: {"count": sum(written.per_class[split].values()),
-                               "per_class": {entry["name"]: written.per_class[split][entry["name"]]
-                                             for entry in classes},
-                               "shards": written.shards[split]}
-                       for split in SPLITS},
-            "skipped": skipped,
-        }
+        manifest = shard_manifest(
+            source={"path": source.path, "kind": source.kind, "spec": source.spec, "root": source.root},
+            channels=1 if grayscale else 3, sizes=written.sizes, classes=classes, seed=seed,
+            val_fraction=val_fraction, per_class=written.per_class, shards=written.shards, skipped=skipped)
         atomic_write_json(staging / MANIFEST, manifest)
     return manifest
+
+
+def shard_manifest(*, source: dict, channels: int, sizes: dict[str, int], classes: list[dict], seed: int | None,
+                   val_fraction: float, per_class: dict[str, dict[str, int]], shards: dict[str, list[dict]],
+                   skipped: list) -> dict:
+    """The manifest of a shard folder (`per_class` and `shards` by split), as `load_manifest` reads it."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "image": {"mode": "L" if channels == 1 else "RGB", "channels": channels, "sizes": dict(sorted(sizes.items()))},
+        "classes": classes,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "splits": {split: {"count": sum(per_class.get(split, {}).values()),
+                           "per_class": {entry["name"]: per_class.get(split, {}).get(entry["name"], 0)
+                                         for entry in classes},
+                           "shards": shards.get(split, [])}
+                   for split in SPLITS},
+        "skipped": skipped,
+    }
 
 
 def load_manifest(shard_dir: str | Path) -> dict:

@@ -7,7 +7,6 @@ channels, input size, normalisation and feature size from it, and checks the wei
 from __future__ import annotations
 
 import difflib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fadscale.runtime.io import FadscaleError, atomic_write_json, read_json, sha256_file
+from fadscale.artifacts import EXPERT_CARD
+from fadscale.runtime.io import FadscaleError, sha256_file
 
 WEIGHTS_NAME = "expert.safetensors"
-CARD_NAME = "expert.json"
-CARD_FORMAT = "fadscale-expert"
+CARD_NAME = EXPERT_CARD.filename
 
 
 def _create_backbone(arch: str, in_chans: int, input_size: int, drop_rate: float) -> nn.Module:
@@ -190,22 +189,12 @@ def save_expert(out_dir: str | Path, model: Expert, card: dict) -> dict:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp))
     tmp.replace(out_dir / WEIGHTS_NAME)
-    card = {**card, "format": CARD_FORMAT, "weights": WEIGHTS_NAME, "sha256": sha256_file(out_dir / WEIGHTS_NAME)}
-    atomic_write_json(out_dir / CARD_NAME, card)
-    return card
+    return EXPERT_CARD.write(out_dir, {**card, "weights": WEIGHTS_NAME, "sha256": sha256_file(out_dir / WEIGHTS_NAME)})
 
 
 def read_card(card_path: str | Path) -> dict:
-    card_path = Path(card_path)
-    if card_path.is_dir():
-        card_path = card_path / CARD_NAME
-    card = read_json(card_path, "expert card")
-    required = ("format", "arch", "classes", "in_chans", "input_size", "normalization", "feature_dim", "sha256", "head")
-    missing = [key for key in required if key not in card]
-    if card.get("format") != CARD_FORMAT or missing:
-        raise FadscaleError(f"{card_path}: not a fadscale expert card (missing {', '.join(missing) or 'format'})")
-    card["_path"] = str(card_path)
-    return card
+    """The expert card (a folder holding expert.json, or the file), checked."""
+    return EXPERT_CARD.read(card_path)
 
 
 def load_expert(card_path: str | Path, device: torch.device | str = "cpu", verify: bool = True) -> tuple[Expert, dict]:
@@ -227,13 +216,3 @@ def load_expert(card_path: str | Path, device: torch.device | str = "cpu", verif
         first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
         raise FadscaleError(f"{weights}: does not fit {card['arch']} with {len(card['classes'])} classes ({first})") from None
     return model.to(device).eval(), card
-
-
-def card_summary(card: dict) -> str:
-    acc = card.get("val_accuracy")
-    return f"{card['arch']} ({len(card['classes'])} classes, {card['input_size']}px, acc {acc:.3f})" if acc is not None \
-        else f"{card['arch']} ({len(card['classes'])} classes)"
-
-
-def dumps_card(card: dict) -> str:
-    return json.dumps({k: v for k, v in card.items() if not k.startswith("_")}, indent=2)

@@ -1,0 +1,142 @@
+"""The evaluation report: JSON-safe values, report.json / report.md / confusion.png / grids, and reading a
+number back out of a report (`report_value`, for the demo and the benchmarks)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from fadscale.artifacts import EVALUATION_REPORT
+from fadscale.runtime.io import atomic_write_text
+from fadscale.sample import class_dir_name, write_grid
+
+if TYPE_CHECKING:
+    from fadscale.evaluate import EvaluateConfig
+
+
+def json_safe(value):
+    """JSON-safe: NaN/inf -> None, tensors -> lists."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def mean_of(values: list) -> float | None:
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_outputs(folder: Path, report: dict, confusion: torch.Tensor, classes: list[str],
+                   generated: dict[str, torch.Tensor], real: dict[str, torch.Tensor], cfg: EvaluateConfig) -> None:
+    from fadscale.train_expert import save_confusion_png
+
+    files = {"report": "report.json", "markdown": "report.md", "confusion": "confusion.png", "grids": {}}
+    acc = report["generation_accuracy"]["overall"]
+    save_confusion_png(confusion.double(), classes, folder / "confusion.png",
+                       f"evaluator on generated tiles: accuracy {fmt(acc)}")
+    for name in classes:
+        count = min(cfg.report.grid, len(generated[name]), len(real[name]))
+        rel = f"grids/{class_dir_name(name)}.png"
+        write_grid(list(real[name][:count]) + list(generated[name][:count]), folder / rel, rows=2)
+        files["grids"][name] = rel
+    report["files"] = files
+    EVALUATION_REPORT.write(folder, report)
+    atomic_write_text(folder / "report.md", markdown_report(report))
+
+
+def markdown_report(report: dict) -> str:
+    classes = report["classes"]
+    ev = report["evaluator"]
+    lines = ["# fadscale evaluation", ""]
+    run = report["samples"].get("run") or {}
+    sampler = report["samples"].get("sampler") or {}
+    lines.append(f"- samples: `{report['samples']['path']}` ({report['samples']['count']} tiles, "
+                 f"{report['samples']['image']['size']} px)")
+    if run:
+        lines.append(f"- run: `{run.get('path')}` (method {run.get('method')}, step {run.get('step')})")
+    if sampler:
+        lines.append(f"- sampler: {sampler.get('scheduler')}, {sampler.get('steps')} steps, guidance "
+                     f"{sampler.get('guidance')}; weights {(report['samples'].get('weights') or {}).get('used')}")
+    lines.append(f"- real tiles: `{report['real']['shards']}` {report['real']['split']} split "
+                 f"({report['real']['count']} tiles)")
+    lines.append(f"- evaluator: {ev['arch']} `{ev['card']}` (sha256 {ev['sha256'][:12]}); "
+                 + ("**the alignment expert itself (allowed by evaluator.allow_alignment_expert)**"
+                    if ev["is_alignment_expert"] else
+                    "independent of the alignment expert" if ev["alignment_expert_known"] else "alignment expert unknown"))
+    if ev.get("selection"):
+        lines.append(f"- evaluator weights: {ev['selection']}")
+    for warning in report["warnings"]:
+        lines.append(f"- warning: {warning}")
+    lines += ["", "## Summary", "", "| metric | value |", "| --- | --- |"]
+    overall = report["distances"]["overall"]
+    div = report["diversity"]["mean"]
+    rows = [("generation accuracy (evaluator top-1)", report["generation_accuracy"]["overall"]),
+            ("evaluator accuracy on real tiles", report["real_accuracy"]["overall"]),
+            ("SSIM diversity, generated (mean over classes)", div["generated"]),
+            ("SSIM diversity, real (mean over classes)", div["real"]),
+            ("Frechet distance (evaluator features)", overall["frechet"]),
+            ("Frechet distance, real train vs real val (reference)", (report["distances"].get("reference") or {}).get("frechet")),
+            ("Frechet ratio (generated / reference; 1 = as close as real tiles)", report["distances"].get("frechet_ratio")),
+            ("KID (evaluator features)", overall["kid"]),
+            ("precision", overall["precision"]), ("recall", overall["recall"])]
+    fid = report["inception_fid"]
+    rows.append(("Inception FID", fid["fid"] if fid.get("computed") else f"not computed: {fid['reason']}"))
+    lines += [f"| {k} | {fmt(v, 4)} |" for k, v in rows]
+    intensity = (report.get("intensity") or {}).get("per_class") or {}
+    lines += ["", "## Per class", "",
+              "| class | gen. accuracy | real accuracy | intensity gen. | intensity real | gap | diversity gen. | "
+              "diversity real | Frechet | KID | precision | recall |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    per_dist = report["distances"].get("per_class") or {}
+    for name in classes:
+        d = per_dist.get(name, {})
+        level = intensity.get(name, {})
+        lines.append("| " + " | ".join([name, fmt(report["generation_accuracy"]["per_class"][name]),
+                                         fmt(report["real_accuracy"]["per_class"][name]),
+                                         fmt(level.get("generated")), fmt(level.get("real")),
+                                         fmt(level.get("gap")),
+                                         fmt(report["diversity"]["per_class"][name]["generated"]),
+                                         fmt(report["diversity"]["per_class"][name]["real"]),
+                                         fmt(d.get("frechet"), 2), fmt(d.get("kid"), 4),
+                                         fmt(d.get("precision"), 2), fmt(d.get("recall"), 2)]) + " |")
+    lines += ["", "## Utility (train on X, test on real)", ""]
+    utility = report["utility"]
+    if utility.get("computed"):
+        budget = f"{utility['steps']} steps" if utility.get("steps") else f"{utility['epochs']} epochs"
+        lines += [f"{utility['classifier']}, {budget} each, tested on {utility['test']['tiles']} real "
+                  f"{utility['test']['split']} tiles.", "",
+                  "| trained on | tiles | accuracy |", "| --- | --- | --- |"]
+        for name, res in utility["setups"].items():
+            lines.append(f"| {name} | {res['train_tiles']} | {fmt(res['overall'])} |")
+    else:
+        lines.append(f"not computed: {utility.get('reason')}")
+    lines += ["", "Confusion matrix: `confusion.png`; real (top row) vs generated (bottom row) tiles per class: "
+              "`grids/<CLASS>.png`.", ""]
+    return "\n".join(lines)
+
+
+def report_value(report: dict, path: tuple) -> float | None:
+    """A number from a report by its key path (e.g. ("distances", "overall", "frechet")); None if absent."""
+    value = report
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
