@@ -121,8 +121,11 @@ def test_two_process_run_learns_and_ranks_stay_in_sync(method, tiny_shards, tiny
                      align__enabled=method == "fad", train__max_steps=24, optim__lr=2e-3,
                      checkpoint__every=12, data__batch_size=8)
     config = _write_config(cfg, tmp_path / "fad.yaml")
-    proc = run_module("fadscale.train_fad", "--config", str(config), nproc=2, launcher="accelerate", timeout=600)
+    # `fadscale train --nproc 2`: the feature cache first when the run needs one (2 processes), then
+    # `accelerate launch -m fadscale.train_fad` with 2 CPU processes.
+    proc = run_module("fadscale.cli", "train", "--config", str(config), "--nproc", "2", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("missing: building it first" in proc.stderr) == (method == "fad")
     card = json.loads((tmp_path / "run/final/run_card.json").read_text())
     assert card["world_size"] == 2 and card["step"] == 24 and card["method"] == method
     assert card["ranks_in_sync"], card["rank_weight_checksums"]

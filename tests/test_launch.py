@@ -28,7 +28,7 @@ ZERO2 = REPO / "launch" / "deepspeed" / "zero2.json"
 @pytest.fixture()
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "fad.yaml"
-    path.write_text(yaml.safe_dump({"run": {"out_dir": str(tmp_path / "run")}, "train": {"steps": 10}}))
+    path.write_text(yaml.safe_dump({"run": {"out_dir": str(tmp_path / "run")}}))  # valid for every stage
     return path
 
 
@@ -133,7 +133,7 @@ def test_render_train_4_nodes_8_gpus(config: Path, tmp_path: Path):
 
 
 def test_render_expert_torchrun(config: Path, tmp_path: Path):
-    text = render_sbatch("expert", config, nodes=2, gpus_per_node=4, overrides=["train.epochs=3", "a.b=x y"])
+    text = render_sbatch("expert", config, nodes=2, gpus_per_node=4, overrides=["train.epochs=3", "model.pretrained=x y"])
     line = launcher_of(text)
     cmd = shlex.split(line)
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
@@ -141,7 +141,7 @@ def test_render_expert_torchrun(config: Path, tmp_path: Path):
     assert '--node_rank "$SLURM_NODEID" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"' in line
     assert cmd[cmd.index("-m", 3) :] == [
         "-m", "fadscale.train_expert", "--config", str(config.resolve()),
-        "--set", "train.epochs=3", "--set", "a.b=x y",
+        "--set", "train.epochs=3", "--set", "model.pretrained=x y",
     ]  # fmt: skip
     bash_syntax_ok(text, tmp_path)
 
@@ -248,13 +248,31 @@ def test_submit_with_stub_sbatch(config: Path, tmp_path: Path, monkeypatch):
 def test_submit_errors(config: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(FadscaleError, match="sbatch not found"):
-        submit("train", config)
+        submit("expert", config)
     bin_dir = tmp_path / "bin"
     _fake_sbatch(bin_dir, 'echo "sbatch: error: Invalid partition name specified" >&2\nexit 1\n')
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     with pytest.raises(FadscaleError, match="failed: sbatch: error: Invalid partition name specified") as err:
-        submit("train", config, partition="nope")
+        submit("expert", config, partition="nope")
     assert "\n" not in str(err.value)
+
+
+def test_submit_validates_the_whole_config_and_the_train_stage_needs_its_cache(config: Path, tmp_path: Path,
+                                                                               monkeypatch):
+    with pytest.raises(FadscaleError, match=r"--set optim.lrr=1e-4: unknown key 'optim.lrr'.*did you mean 'optim.lr'"):
+        submit("train", config, dry_run=True, overrides=["optim.lrr=1e-4"])
+    bin_dir = tmp_path / "bin"
+    _fake_sbatch(bin_dir, 'echo 77\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    cache = tmp_path / "cache"
+    with pytest.raises(FadscaleError, match=f"feature cache {cache} missing: submit the cache stage first"):
+        submit("train", config, overrides=[f"cache.dir={cache}"])
+    assert not (tmp_path / "run" / "submit-train.sbatch").exists()
+    cache.mkdir()
+    (cache / "manifest.json").write_text("{}")
+    assert submit("train", config, overrides=[f"cache.dir={cache}"])[1] == "77"
+    # Plain training that reads no cache (align off, pixel space, learned tokens) needs none.
+    assert submit("train", config, overrides=["align.enabled=false", f"cache.dir={tmp_path / 'none'}"])[1] == "77"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ class Backend:
 
     def load(self, folder: Path, model: nn.Module, optimizer) -> None:
         load_weights(self.unwrap(model), folder / MODEL_FILE)
-        optimizer.load_state_dict(load_torch(folder / OPTIMIZER_FILE, self.device))
+        optimizer.load_state_dict(load_torch(folder / OPTIMIZER_FILE))  # the optimizer moves it to its parameters
 
     def files(self, folder: Path) -> list[str]:
         """The files `save` writes (for the checksum list)."""
