@@ -52,7 +52,7 @@ def _run_stage(module: str, config: Optional[Path], overrides: list[str] | None,
     elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", f"fadscale.{module}", *args]
-    else:  # accelerate on CPU needs --multi_gpu for several processes (--cpu forces one); see facts.md
+    else:  # accelerate on CPU needs --multi_gpu for several processes (--cpu forces one)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", f"fadscale.{module}", *args]
     return subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})

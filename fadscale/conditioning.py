@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from fadscale.runtime.io import FadscaleError
+from fadscale.runtime.io import FadscaleError, save_safetensors
 
 CONDITIONING_FILE = "conditioning.safetensors"
 
@@ -44,10 +44,7 @@ def _sub(path: str, name: str) -> str:
 
 
 def save_table(path: str | Path, table: torch.Tensor) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"table": table.contiguous()}, str(tmp))
-    tmp.replace(path)
+    save_safetensors({"table": table.contiguous()}, path)
 
 
 def load_table(path: str | Path) -> torch.Tensor:

@@ -123,7 +123,7 @@ class ConditioningSection(Section):
 
 
 class CacheSection(Section):
-    dir: str = Field("runs/cache", description="feature cache folder (built when missing)")
+    dir: str = Field("runs/cache", description="feature cache folder (`fadscale train` builds it when missing)")
     spatial: bool | None = Field(None, description="also cache spatial maps; None: when align needs them")
     batch_size: int = Field(32, ge=1)
 

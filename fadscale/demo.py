@@ -322,12 +322,18 @@ def run_demo(out: str | Path, data: str | None = None, overwrite: bool = False, 
     epoch, the cpu-tiny UNet for 6 steps (two learning-curve points), 3 samples per class, no utility
     classifiers."""
     out = Path(out)
+    if data is not None and not Path(data).exists():
+        raise FadscaleError(f"--data {data}: no such folder or zip")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FadscaleError(f"{out}: demo folder already exists (pass --overwrite to replace it)")
+        # --overwrite deletes only an earlier demo's folder, and never one that holds the data.
+        if not ((out / "shards" / "manifest.json").is_file() or (out / "report.md").is_file()):
+            raise FadscaleError(f"{out}: not replaced: it is not a demo folder (no shards/manifest.json or "
+                                f"report.md); choose another --out")
+        if data is not None and Path(data).resolve().is_relative_to(out.resolve()):
+            raise FadscaleError(f"{out}: not replaced: it holds the --data {data}")
         shutil.rmtree(out)
-    if data is not None and not Path(data).exists():
-        raise FadscaleError(f"--data {data}: no such folder or zip")
     plan = Plan(out=out, source=str(Path(data).resolve()) if data else Plan.source, eval_every=EVAL_EVERY,
                 sample_overrides=dict(SAMPLER))
     if quick:

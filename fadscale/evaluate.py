@@ -211,7 +211,7 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
     }
     report = json_safe(report)
     if write:
-        with atomic_output_dir(out, overwrite=cfg.run.overwrite) as staging:
+        with atomic_output_dir(out, overwrite=cfg.run.overwrite, made_by="report.json") as staging:
             write_outputs(staging, report, confusion, classes, generated, real, cfg)
             save_config(cfg, staging / "config.yaml")
         log_line(f"wrote {out}: generation accuracy {report['generation_accuracy']['overall']:.3f}, "

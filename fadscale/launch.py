@@ -144,6 +144,27 @@ def _q(arg: str | Path) -> str:
     return shlex.quote(str(arg))
 
 
+# SLURM values go into "#SBATCH --key=value" lines: anything beyond these characters (whitespace, a newline
+# in particular, quotes, '$') could end the directive block or add a command to the script.
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9._,@+-]+$")  # partition (a comma list), account, qos, job name
+_SLURM_CONSTRAINT = re.compile(r"^[A-Za-z0-9._,&|*:!()\[\]-]+$")  # features joined by & | , [] *N
+# sbatch --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or UNLIMITED/INFINITE
+_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
+                         r"|UNLIMITED|INFINITE|unlimited|infinite)$")
+
+
+def check_slurm_value(flag: str, value: str) -> str:
+    """`value` for `--flag`, or a one-line error naming it and what SLURM accepts."""
+    if flag == "time":
+        if not _SLURM_TIME.match(value):
+            raise FadscaleError(f"--time {value!r}: expected minutes, M:S, H:M:S, D-H, D-H:M or D-H:M:S "
+                                f"(e.g. 04:00:00 or 1-12:00:00)")
+    elif not (_SLURM_CONSTRAINT if flag == "constraint" else _SLURM_NAME).match(value):
+        raise FadscaleError(f"--{flag.replace('_', '-')} {value!r}: expected letters, digits and . _ , - "
+                            f"(no spaces, quotes, '$' or control characters)")
+    return value
+
+
 def _check_path(what: str, path: Path) -> None:
     if not _SAFE_PATH.match(str(path)):
         raise FadscaleError(f"{path}: {what} must not contain spaces, quotes, '$' or backslashes for SLURM")
@@ -258,6 +279,8 @@ def render_sbatch(
         raise FadscaleError(f"nodes ({nodes}) and gpus per node ({gpus_per_node}) must be at least 1")
     if signal_lead_s < 1:
         raise FadscaleError(f"signal lead time must be at least 1 s, got {signal_lead_s}")
+    if job_name:
+        check_slurm_value("job_name", job_name)
     run_dir = run_dir_of(stage, config, overrides)
     workdir = Path.cwd().resolve()
     _check_path("run.out_dir", run_dir)
@@ -277,7 +300,7 @@ def render_sbatch(
         ("constraint", constraint),
     ):
         if value not in (None, ""):
-            extra.append(f"--{flag}={value}")
+            extra.append(f"--{flag}={check_slurm_value(flag, value)}")
     sbatch_extra = "".join(f"#SBATCH {line}\n" for line in extra)
 
     command = launcher_command(

@@ -389,7 +389,7 @@ def sample_images(cfg: SampleConfig) -> dict:
     with contextlib.ExitStack() as stack:
         folder_box = [None]
         if is_main:
-            folder_box[0] = str(stack.enter_context(atomic_output_dir(final_dir, overwrite=cfg.run.overwrite)))
+            folder_box[0] = str(stack.enter_context(atomic_output_dir(final_dir, overwrite=cfg.run.overwrite, made_by=MANIFEST)))
         if world > 1:
             broadcast_object_list(folder_box)
         folder = Path(folder_box[0])

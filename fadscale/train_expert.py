@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fadscale import __version__
 from fadscale.config import ExpertConfig
@@ -36,7 +36,7 @@ from fadscale.data.shard import load_manifest
 from fadscale.models.expert import Expert, load_initial_weights, save_expert
 from fadscale.runtime.distributed import all_reduce_sum
 from fadscale.runtime.entry import run_entry
-from fadscale.runtime.io import FadscaleError, git_commit, sha256_file
+from fadscale.runtime.io import FadscaleError, git_commit, save_safetensors, sha256_file
 from fadscale.runtime.logging import log_line
 from fadscale.runtime.schedule import make_scheduler
 from fadscale.training.backend import Backend, DDPBackend
@@ -240,9 +240,8 @@ class ExpertTask:
         if accuracy > best["best_accuracy"]:
             best.update(best_accuracy=accuracy, best_epoch=epoch, stale_epochs=0, best_confusion=confusion.tolist())
             if backend.is_main:
-                tmp = self.out / f".{BEST_WEIGHTS}.tmp"
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
-                tmp.replace(self.out / BEST_WEIGHTS)
+                save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                                 self.out / BEST_WEIGHTS)
         else:
             best["stale_epochs"] += 1
         early = cfg.train.early_stopping is not None and best["stale_epochs"] >= cfg.train.early_stopping

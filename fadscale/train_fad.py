@@ -349,7 +349,7 @@ class FadTask:
             return
         cfg, model = self.cfg, self.model
         unet = model.unet._orig_mod if hasattr(model.unet, "_orig_mod") else model.unet
-        with atomic_output_dir(self.out / "final", overwrite=True) as folder:
+        with atomic_output_dir(self.out / "final", overwrite=True, made_by=RUN_CARD.filename) as folder:
             unet.save_pretrained(folder / "unet")
             if ema is not None:
                 with self._ema_weights(ema):

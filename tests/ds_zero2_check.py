@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -130,4 +129,4 @@ def main() -> int:
 if __name__ == "__main__":
     from fadscale.runtime.distributed import shutdown
 
-    shutdown(main())  # barrier, destroy the group, os._exit: the gloo teardown fix (facts.md)
+    shutdown(main())  # barrier, destroy the group, os._exit: exits cleanly where gloo teardown can hang

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -125,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from fadscale.runtime.distributed import shutdown
 
-    shutdown(main())  # barrier, destroy the group, os._exit: the gloo teardown fix (facts.md)
+    shutdown(main())  # barrier, destroy the group, os._exit: exits cleanly where gloo teardown can hang

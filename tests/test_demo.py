@@ -30,9 +30,10 @@ def installed(tmp_path_factory) -> Path:
 
 
 def _run(installed: Path, cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The CLI under umask 0022, the usual one on a shared cluster."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(installed)}
     return subprocess.run([sys.executable, "-m", "fadscale.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env)
+                          timeout=timeout, cwd=cwd, env=env, preexec_fn=lambda: os.umask(0o022))
 
 
 @pytest.mark.slow
@@ -71,6 +72,10 @@ def test_demo_runs_every_stage_and_writes_the_report(installed, tmp_path):
     assert reference["frechet"] > 0 and fad_report["distances"]["frechet_ratio"] == pytest.approx(
         fad_report["distances"]["overall"]["frechet"] / reference["frechet"])
     assert set(fad_report["intensity"]["per_class"]) == set(fad_report["classes"])
+    # Teammates can read every output (atomic writes must not leave mkstemp's private 0600 / 0700 modes).
+    private = [str(path.relative_to(out)) for path in out.rglob("*")
+               if path.stat().st_mode & 0o777 != (0o755 if path.is_dir() else 0o644)]
+    assert private == [], private[:10]
 
 
 def test_an_installed_package_renders_a_slurm_script(installed, tmp_path):
@@ -81,3 +86,22 @@ def test_an_installed_package_renders_a_slurm_script(installed, tmp_path):
     assert "#SBATCH --nodes=2" in proc.stdout
     assert str(installed / "fadscale" / "bundled" / "launch" / "accelerate" / "deepspeed_zero2.yaml") in proc.stdout
     assert str(installed / "fadscale" / "bundled" / "launch" / "deepspeed" / "zero2.json") in proc.stdout
+
+
+def test_overwrite_replaces_only_an_earlier_demo_and_never_the_data(tmp_path):
+    from fadscale.demo import run_demo
+    from fadscale.runtime.io import FadscaleError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FadscaleError, match="already exists"):
+        run_demo(out)
+    with pytest.raises(FadscaleError, match="not a demo folder"):
+        run_demo(out, overwrite=True)
+    data = out / "shards" / "tiles"  # an earlier demo's folder that the user put their tiles in
+    (data / "A").mkdir(parents=True)
+    (out / "shards" / "manifest.json").write_text("{}")
+    with pytest.raises(FadscaleError, match="holds the --data"):
+        run_demo(out, data=str(data), overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (data / "A").is_dir()

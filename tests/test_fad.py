@@ -146,14 +146,17 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_shards, tiny_e
     cache = tmp_path / "cache"
     settings = dict(train__max_steps=6, checkpoint__every=3, train__label_dropout=0.2, align__center_target=True)
     train_fad(fad_config(tiny_shards, tiny_expert, tmp_path / "full", cache, **settings))
-    # A run that died after its step-3 checkpoint: only that checkpoint survives.
+    # A run killed after logging step 5: only its step-3 checkpoint and its log of steps 1-5 survive.
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "full/checkpoints/step-00000003", resumed_dir / "checkpoints/step-00000003")
+    lines = (tmp_path / "full/metrics.jsonl").read_text().splitlines()
+    (resumed_dir / "metrics.jsonl").write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= 5))
     train_fad(fad_config(tiny_shards, tiny_expert, resumed_dir, cache, **settings))
     full_log = {r["step"]: r for r in read_metrics(tmp_path / "full")}
-    resumed_log = {r["step"]: r for r in read_metrics(resumed_dir)}
-    assert sorted(resumed_log) == [4, 5, 6]
+    resumed_records = read_metrics(resumed_dir)
+    assert [r["step"] for r in resumed_records] == [1, 2, 3, 4, 5, 6]  # steps 4 and 5 logged once, by the resume
+    resumed_log = {r["step"]: r for r in resumed_records}
     for step in (4, 5, 6):
         for key in ("loss/noise", "loss/align"):
             assert resumed_log[step][key] == pytest.approx(full_log[step][key], rel=1e-5), (step, key)

@@ -109,7 +109,7 @@ def test_render_train_4_nodes_8_gpus(config: Path, tmp_path: Path):
     assert "export MASTER_ADDR MASTER_PORT" in text
     assert "SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}" in text
     assert "trap on_usr1 USR1" in text
-    assert f'STOP_FILE="$RUN_DIR/STOP"' in text and f"RUN_DIR={run}" in text
+    assert 'STOP_FILE="$RUN_DIR/STOP"' in text and f"RUN_DIR={run}" in text
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text
     assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in text and "export NCCL_DEBUG=WARN" in text
     assert "export OMP_NUM_THREADS=8" in text
@@ -219,6 +219,24 @@ def test_errors(config: Path, tmp_path: Path):
     spaced.write_text(yaml.safe_dump({"run": {"out_dir": str(tmp_path / "a b")}}))
     with pytest.raises(FadscaleError, match="must not contain spaces"):
         render_sbatch("train", spaced)
+
+
+@pytest.mark.parametrize("key,value", [("partition", "gpu\ntouch X"), ("account", "lab $(id)"), ("qos", "a'b"),
+                                       ("time", "04:00:00\ntouch X"), ("time", "4 hours"), ("constraint", "a\rb"),
+                                       ("job_name", "x y")])
+def test_slurm_values_that_could_inject_lines_are_refused(config: Path, key: str, value: str):
+    with pytest.raises(FadscaleError, match=f"--{key.replace('_', '-')} ") as err:
+        render_sbatch("train", config, **{key: value})
+    assert "\n" not in str(err.value).replace("\\n", "")  # one line; the value shown escaped
+
+
+def test_slurm_values_in_their_formats_are_rendered(config: Path):
+    for limit in ("30", "30:00", "04:00:00", "1-12", "1-12:30", "2-00:00:00", "UNLIMITED"):
+        assert f"#SBATCH --time={limit}\n" in render_sbatch("train", config, time=limit)
+    text = render_sbatch("train", config, partition="gpu,gpu-long", account="lab_1", qos="high",
+                         constraint="a100&ib|h100", job_name="fad-run.2")
+    for line in ("--partition=gpu,gpu-long", "--account=lab_1", "--qos=high", "--constraint=a100&ib|h100"):
+        assert f"#SBATCH {line}\n" in text
 
 
 def test_submit_dry_run_writes_nothing(config: Path, tmp_path: Path):

@@ -111,9 +111,8 @@ def write_tree(root: Path, files: dict[str, bytes]) -> Path:
 
 def zip_tree(folder: Path, zip_path: Path, top: str = "", extra: dict[str, bytes] | None = None) -> Path:
     with zipfile.ZipFile(zip_path, "w") as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, f"{top}{path.relative_to(folder).as_posix()}")
+        for path in sorted(folder.rglob("*")):  # folders too, as zip tools write them
+            archive.write(path, f"{top}{path.relative_to(folder).as_posix()}{'/' if path.is_dir() else ''}")
         for name, data in (extra or {}).items():
             archive.writestr(zipfile.ZipInfo(name), data)
     return zip_path
@@ -406,11 +405,21 @@ def test_existing_output_refused_unless_overwrite(tmp_path):
     (out / "precious.txt").write_text("keep")
     with pytest.raises(FadscaleError, match="already exists"):
         shard(src, out)
+    # --overwrite replaces only what fadscale made: not a folder of the user's files...
+    with pytest.raises(FadscaleError, match="holds no manifest.json, so fadscale did not make it"):
+        shard(src, out, overwrite=True)
     assert (out / "precious.txt").read_text() == "keep"
-    shard(src, out, overwrite=True)
+    (out / "precious.txt").unlink()
+    shard(src, out, overwrite=True)  # (an empty folder is fine)
+    shard(src, out, overwrite=True)  # ...and a shard set is replaced
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-000000.tar"]
     with pytest.raises(FadscaleError, match="inside the source"):
         shard(src, src / "shards")
+    # ...nor the folder that holds the source, even when it looks like a shard set.
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(FadscaleError, match="must not contain the source"):
+        shard(src, tmp_path, overwrite=True)
+    assert (src / "A/good.png").is_file()
 
 
 def test_unsafe_zip_entries_refused_and_never_read(tmp_path, monkeypatch):
@@ -449,6 +458,12 @@ def test_corrupt_and_empty_sources(tmp_path):
     write_tree(tmp_path / "flat", {"a.png": noise_png()})  # images but no class folders
     with pytest.raises(FadscaleError, match="no class folders"):
         shard(tmp_path / "flat", tmp_path / "o4")
+    # An empty class folder (here the second of three) would renumber the classes after it: refused, named.
+    write_tree(tmp_path / "gap", {"01_TUMOR/a.png": noise_png(), "04_LYMPHO/b.png": noise_png()})
+    (tmp_path / "gap/03_COMPLEX").mkdir()
+    for gap in (tmp_path / "gap", zip_tree(tmp_path / "gap", tmp_path / "gap.zip")):
+        with pytest.raises(FadscaleError, match="class folder.s. 03_COMPLEX hold no files"):
+            shard(gap, tmp_path / "o7")
     write_tree(tmp_path / "junk", {"A/a.png": b"junk", "B/b.png": b""})
     with pytest.raises(FadscaleError, match="no usable image among 2 files"):
         shard(tmp_path / "junk", tmp_path / "o5")
@@ -456,7 +471,7 @@ def test_corrupt_and_empty_sources(tmp_path):
         shard(tmp_path / "missing", tmp_path / "o6")
     # No output and no leftover temp folder for any of them.
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == ["cut.zip", "empty", "fake.zip", "flat", "junk", "real.zip", "src"]
+    assert left == ["cut.zip", "empty", "fake.zip", "flat", "gap", "gap.zip", "junk", "real.zip", "src"]
 
 
 def test_load_manifest_validates(procedural, tmp_path):

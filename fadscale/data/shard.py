@@ -271,9 +271,12 @@ def _check_arguments(src, out, val_fraction, max_samples_per_shard, max_shard_by
     if workers < 1:
         raise FadscaleError(f"workers must be at least 1, got {workers}")
     source_dir = Path(src)
-    # Output inside the source folder would be read back as a class on the next run.
-    if source_dir.is_dir() and Path(out).resolve().is_relative_to(source_dir.resolve()):
-        raise FadscaleError(f"{out}: the output folder must not be inside the source folder {src}")
+    # Output inside the source folder would be read back as a class on the next run; replacing a folder
+    # that holds the source (--overwrite) would delete the tiles.
+    if source_dir.exists() and Path(out).resolve().is_relative_to(source_dir.resolve()):
+        raise FadscaleError(f"{out}: the output folder must not be inside the source {src}")
+    if source_dir.exists() and source_dir.resolve().is_relative_to(Path(out).resolve()):
+        raise FadscaleError(f"{out}: the output folder must not contain the source {src}")
 
 
 def class_table(class_folders) -> list[dict]:
@@ -334,7 +337,7 @@ def shard_dataset(src: str | Path, out: str | Path, *, val_fraction: float = 0.1
     unless `overwrite`; the previous output is replaced only once the new one is complete.
     """
     _check_arguments(src, out, val_fraction, max_samples_per_shard, max_shard_bytes, workers)
-    with atomic_output_dir(out, overwrite=overwrite) as staging:
+    with atomic_output_dir(out, overwrite=overwrite, made_by=MANIFEST) as staging:
         source = open_source(src)
         _refuse_skips(strict, source.skipped)
         classes = class_table(source.class_folders)

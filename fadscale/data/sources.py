@@ -74,11 +74,11 @@ def open_source(src: str | os.PathLike) -> TileSource:
         return _procedural_source(src)
     path = Path(src)
     if path.is_dir():
-        files, skipped = _walk_folder(path)
-        return _tree_source("folder", path, files, skipped)
+        files, skipped, folders = _walk_folder(path)
+        return _tree_source("folder", path, files, skipped, folders)
     if path.is_file():
-        files, skipped = _list_zip(path)
-        return _tree_source("zip", path, files, skipped)
+        files, skipped, folders = _list_zip(path)
+        return _tree_source("zip", path, files, skipped, folders)
     raise FadscaleError(f"{path}: source not found (expected a folder, a .zip or 'procedural[:...]')")
 
 
@@ -86,8 +86,9 @@ def _is_clutter(name: str) -> bool:
     return name.startswith(".") or name.lower() in _CLUTTER
 
 
-def _walk_folder(top: Path) -> tuple[_Listing, list[dict]]:
-    files, skipped = [], []
+def _walk_folder(top: Path) -> tuple[_Listing, list[dict], set[tuple[str, ...]]]:
+    """(files, skipped entries, every folder), paths as tuples of parts relative to `top`."""
+    files, skipped, folders = [], [], set()
 
     def report(rel: Path, reason: str) -> None:
         skipped.append({"path": rel.as_posix(), "reason": reason})
@@ -110,14 +111,15 @@ def _walk_folder(top: Path) -> tuple[_Listing, list[dict]]:
                 continue
             visited.add(real)
             kept.append(name)
+            folders.add((rel_dir / name).parts)
         dirnames[:] = kept
         for name in filenames:
             if not _is_clutter(name):
                 files.append(((rel_dir / name).parts, _FileReader(os.path.join(dirpath, name))))
-    return files, skipped
+    return files, skipped, folders
 
 
-def _list_zip(path: Path) -> tuple[_Listing, list[dict]]:
+def _list_zip(path: Path) -> tuple[_Listing, list[dict], set[tuple[str, ...]]]:
     zip_path = str(path.resolve())
     stat = os.stat(zip_path)
     stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
@@ -125,20 +127,25 @@ def _list_zip(path: Path) -> tuple[_Listing, list[dict]]:
         infos = _open_zip(zip_path, stamp, os.getpid()).infolist()
     except (zipfile.BadZipFile, OSError) as exc:
         raise FadscaleError(f"{path}: not a readable zip file ({exc})") from None
-    files, skipped = [], []
+    files, skipped, folders = [], [], set()
     for index, info in enumerate(infos):
         # Zips made on Windows sometimes use backslashes as separators.
         name = info.filename.replace("\\", "/")
         parts = tuple(part for part in name.split("/") if part not in ("", "."))
         if name.startswith("/") or re.match(r"[A-Za-z]:", name) or ".." in parts:
             skipped.append({"path": info.filename, "reason": "unsafe path in zip (absolute or '..'); not read"})
-        elif not info.is_dir() and parts and not any(_is_clutter(part) for part in parts):
-            files.append((parts, _ZipMember(zip_path, stamp, index)))
-    return files, skipped
+        elif parts and not any(_is_clutter(part) for part in parts):
+            folder_parts = parts if info.is_dir() else parts[:-1]
+            folders.update(folder_parts[:n] for n in range(1, len(folder_parts) + 1))
+            if not info.is_dir():
+                files.append((parts, _ZipMember(zip_path, stamp, index)))
+    return files, skipped, folders
 
 
-def _tree_source(kind: str, path: Path, files: _Listing, skipped: list[dict]) -> TileSource:
-    """Find the tree root in a listing and assign its files to class folders."""
+def _tree_source(kind: str, path: Path, files: _Listing, skipped: list[dict],
+                 folders: set[tuple[str, ...]]) -> TileSource:
+    """Find the tree root in a listing and assign its files to class folders. A class folder without
+    files is an error: dropping it would silently renumber every class after it."""
     depth = _root_depth([parts for parts, _ in files])
     items: dict[str, SourceItem] = {}
     for parts, read in files:
@@ -152,7 +159,15 @@ def _tree_source(kind: str, path: Path, files: _Listing, skipped: list[dict]) ->
         items[relative] = SourceItem(relative, parts[depth], read)
     if not items:
         raise FadscaleError(f"{path}: no class folders with files found (expected one sub-folder per class)")
-    root = "/".join(next(parts for parts, _ in files if len(parts) > depth + 1)[:depth])
+    root_parts = next(parts for parts, _ in files if len(parts) > depth + 1)[:depth]
+    root = "/".join(root_parts)
+    with_files = {item.class_folder for item in items.values()}
+    empty = sorted(f[depth] for f in folders if len(f) == depth + 1 and f[:depth] == root_parts
+                   and f[depth] not in with_files)
+    if empty:
+        where = "/".join(p for p in (str(path), root) if p)
+        raise FadscaleError(f"{where}: class folder(s) {', '.join(empty)} hold no files; the class indices after "
+                            f"them would shift. Add their tiles or remove the folder(s)")
     return TileSource(
         kind=kind,
         path=str(path.resolve()),

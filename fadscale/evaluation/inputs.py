@@ -145,7 +145,7 @@ def export_real_tiles(shards: str | Path, out: str | Path, *, split: str = "val"
     channels = channels or manifest["image"]["channels"]
     tiles = load_real_tiles(shards, classes, split=split, image_size=image_size, channels=channels, subset=subset,
                             subset_seed=subset_seed, max_per_class=max_per_class)
-    with atomic_output_dir(out, overwrite=overwrite) as folder:
+    with atomic_output_dir(out, overwrite=overwrite, made_by=SAMPLE_MANIFEST.filename) as folder:
         for name, stack in tiles.items():
             (folder / class_dir_name(name)).mkdir()
             for j, tile in enumerate(stack):

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from fadscale.artifacts import EXPERT_CARD
-from fadscale.runtime.io import FadscaleError, sha256_file
+from fadscale.runtime.io import FadscaleError, save_safetensors, sha256_file
 
 WEIGHTS_NAME = "expert.safetensors"
 CARD_NAME = EXPERT_CARD.filename
@@ -185,10 +185,8 @@ def save_expert(out_dir: str | Path, model: Expert, card: dict) -> dict:
     """Write weights then card (atomically); the card gets the weights' sha256. Returns the card."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    tmp.replace(out_dir / WEIGHTS_NAME)
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                     out_dir / WEIGHTS_NAME)
     return EXPERT_CARD.write(out_dir, {**card, "weights": WEIGHTS_NAME, "sha256": sha256_file(out_dir / WEIGHTS_NAME)})
 
 

@@ -29,11 +29,51 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(directory: bool = False) -> int:
+    """The mode `open`/`mkdir` would give under the current umask. mkstemp and mkdtemp make private
+    (0600/0700) files and folders; the outputs are for teammates on a shared cluster too."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def share_tree(root: str | os.PathLike) -> None:
+    """Give the files and folders under `root` that a library made private (safetensors writes 0600) the
+    umask's usual mode."""
+    for path in [Path(root), *Path(root).rglob("*")]:
+        if path.is_symlink():
+            continue
+        private = 0o700 if path.is_dir() else 0o600
+        if path.stat().st_mode & 0o777 == private:
+            path.chmod(usual_mode(directory=path.is_dir()))
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors `save_file`, atomically (temporary name, then rename) and readable by the group."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.chmod(usual_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, usual_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -64,21 +104,29 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False, made_by: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; rename it to `final` only if the block succeeds.
 
     An existing `final` is refused unless `overwrite`; with `overwrite` the old folder is replaced
-    only after the new one is complete, so a failed run never destroys the previous output.
+    only after the new one is complete, so a failed run never destroys the previous output. `made_by`
+    (the file every such output holds, e.g. its manifest): `overwrite` replaces only a folder that
+    holds it (or an empty one), never one fadscale did not make.
     """
     final = Path(final)
     if final.exists() and not overwrite:
         raise FadscaleError(f"{final}: output already exists (pass --overwrite to replace it)")
+    if final.exists() and made_by is not None:
+        foreign = not final.is_dir() or (any(final.iterdir()) and not (final / made_by).is_file())
+        if foreign:
+            raise FadscaleError(f"{final}: not replaced: it holds no {made_by}, so fadscale did not make it "
+                                f"(move it away or choose another output)")
     final.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(final.parent, os.W_OK):
         raise FadscaleError(f"{final.parent}: output folder is not writable")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
+        share_tree(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)

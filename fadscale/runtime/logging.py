@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fadscale.runtime.io import atomic_write_text
+
 
 def log_line(message: str, is_main: bool = True) -> None:
     if is_main:
@@ -17,7 +19,9 @@ def log_line(message: str, is_main: bool = True) -> None:
 class RunLogger:
     """Writes only on the main rank; every other rank gets a logger that does nothing."""
 
-    def __init__(self, run_dir: str | Path, is_main: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, is_main: bool, tensorboard: bool = True, resumed_at: int | None = None):
+        """`resumed_at`: the step a resumed run continues from. Records of later steps (logged by the run
+        before it was killed, after its last checkpoint) are dropped, as the resumed run logs them again."""
         self.is_main = is_main
         self._tb = None
         self._jsonl = None
@@ -26,6 +30,8 @@ class RunLogger:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         # Appending keeps the history of a resumed run in one file.
+        if resumed_at is not None:
+            _drop_after(run_dir / "metrics.jsonl", resumed_at)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -58,6 +64,15 @@ class RunLogger:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+
+
+def _drop_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from fadscale.runtime.io import FadscaleError, atomic_write_json, sha256_file
+from fadscale.runtime.io import FadscaleError, atomic_write_json, sha256_file, share_tree
 from fadscale.runtime.logging import log_line
 
 CHECKSUMS = "checksums.json"
@@ -95,6 +95,7 @@ class Checkpointer:
         if backend.is_main:
             everything = sorted(set(everything) | set(backend.files(tmp)))  # sharded files: listed once all exist
             atomic_write_json(tmp / CHECKSUMS, {"step": step, "files": {n: sha256_file(tmp / n) for n in everything}})
+            share_tree(tmp)
             if final.exists():  # the same step saved again (a stop request right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp, final)

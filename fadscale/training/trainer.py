@@ -116,7 +116,7 @@ class Trainer:
             if self.config is not None:
                 save_config(self.config, self.out / "config.yaml")
         backend.barrier()  # no rank may see the stale STOP file the main rank just removed
-        logger = RunLogger(self.out, backend.is_main)
+        logger = RunLogger(self.out, backend.is_main, resumed_at=state["step"])
         done = state["ended_early"] or state["step"] >= s.max_steps  # a longer max_steps continues a run
         if done:
             log_line(f"{self.out}: training already finished (step {state['step']}); writing the outputs again",
