@@ -3,9 +3,10 @@
     python -m fadscale.evaluate --config configs/tiny/evaluate.yaml
 
 - generation accuracy: the evaluator's top-1 on the generated tiles, per class and overall (plus its
-  accuracy on the real tiles, the reference point). The evaluator must not be the alignment expert
-  (the run was trained to please it): refused when their sha256 match, unless
-  `evaluator.allow_alignment_expert`, and then the report says so.
+  accuracy on the real tiles, the reference point). The evaluator must not share training tiles with
+  the alignment expert (the run was trained to please it): decided from the two cards (the same weights,
+  the same half or "all" of the same shards share tiles), refused unless
+  `evaluator.allow_alignment_expert`, and then the report says so; the report states the basis.
 - SSIM diversity per class (1 - mean SSIM over random pairs), for the generated and the real tiles.
 - Frechet distance, KID and k-NN precision/recall in the evaluator's pooled feature space, overall and
   per class; Inception FID only with local Inception weights (`metrics.inception_weights`).
@@ -179,6 +180,10 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
     warnings = []
     if independence["is_alignment_expert"]:
         warnings.append("the evaluator IS the alignment expert (evaluator.allow_alignment_expert): generation "
+                        "accuracy is not an independent measure")
+    elif independence["shares_training_tiles"]:
+        warnings.append(f"the evaluator shares training tiles with the alignment expert "
+                        f"({independence['independence_basis']}; evaluator.allow_alignment_expert): generation "
                         "accuracy is not an independent measure")
     elif not independence["alignment_expert_known"]:
         warnings.append("the alignment expert is unknown (no run card in the sample manifest, no "

@@ -7,8 +7,8 @@ evaluator's feature space, and the largest per-class gap in mean intensity. The 
 are computed once. The points go to TensorBoard and metrics.jsonl (`eval/...` keys), from which the
 demo report draws the curves and tools/bench_quality.py reads the steps each arm needs to reach a bar.
 
-The evaluator must not be the alignment expert (the run is trained to please it): refused when their
-weights' sha256 are equal.
+The evaluator must not share training tiles with the alignment expert (the run is trained to please it):
+decided from the two cards (`shared_training_tiles`), refused when they do.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from fadscale.evaluate import evaluator_outputs, load_real_tiles
 from fadscale.metrics import frechet_distance
-from fadscale.models.expert import load_expert
+from fadscale.models.expert import load_expert, shared_training_tiles
 from fadscale.runtime.io import FadscaleError
 from fadscale.sampling import generate, make_scheduler, to_uint8
 
@@ -29,17 +29,18 @@ SEED_BASE = 9_000_000  # the probe's per-image seeds: far from the sample stage'
 class GenerationProbe:
     """Samples `per_class` tiles per class and scores them with the evaluator; `__call__(unet, table)`."""
 
-    def __init__(self, *, evaluator_card: str, alignment_sha256: str | None, shards: str | Path, classes: list[str],
+    def __init__(self, *, evaluator_card: str, alignment_card: dict, shards: str | Path, classes: list[str],
                  image_size: int, channels: int, per_class: int, scheduler: str, steps: int, noise: dict,
                  device: torch.device, batch_size: int = 128):
         self.model, self.card = load_expert(evaluator_card, device)
         if self.card["classes"] != classes:
             raise FadscaleError(f"eval.evaluator {evaluator_card}: its classes {self.card['classes']} differ from "
                                 f"the run's {classes}")
-        if alignment_sha256 is not None and self.card["sha256"] == alignment_sha256:
-            raise FadscaleError(f"eval.evaluator {evaluator_card} is the alignment expert (same sha256): its score "
-                                "of tiles trained to match its own features is not independent; use an expert "
-                                "trained on the other half of the tiles (data.subset B)")
+        shared, basis = shared_training_tiles(self.card, alignment_card)
+        if shared:
+            raise FadscaleError(f"eval.evaluator {evaluator_card} and the alignment expert: {basis}; its score of "
+                                "tiles trained to match the alignment expert's features is not independent; use an "
+                                "expert trained on the other half of the tiles (data.subset B)")
         self.device, self.batch_size = device, batch_size
         self.image_size, self.channels, self.steps = image_size, channels, steps
         self.scheduler = make_scheduler(scheduler, noise)

@@ -155,7 +155,7 @@ class FadTask:
         if cfg.model.space == "latent":
             raise FadscaleError("eval.every: learning curves are scored in pixel space only (this run is latent); "
                                 "sample and evaluate the final run instead")
-        return GenerationProbe(evaluator_card=cfg.eval.evaluator, alignment_sha256=self.card["sha256"],
+        return GenerationProbe(evaluator_card=cfg.eval.evaluator, alignment_card=self.card,
                                shards=cfg.data.shards, classes=self.classes, image_size=self.sample_size,
                                channels=self.space_channels, per_class=cfg.eval.per_class,
                                scheduler=cfg.eval.scheduler, steps=cfg.eval.steps, noise=noise_config(cfg.noise),

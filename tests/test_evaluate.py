@@ -92,6 +92,34 @@ def test_alignment_expert_is_refused_as_evaluator_unless_allowed(real_as_samples
     assert "the alignment expert itself" in (out / "report.md").read_text()
 
 
+def test_independence_is_decided_from_the_cards_training_data(real_as_samples, tiny_expert, tiny_shards, tmp_path):
+    common = dict(real__shards=str(tiny_shards), utility__enabled=False, metrics__ssim_pairs=4, metrics__kid_subsets=2,
+                  metrics__per_class=False)
+    evaluator = json.loads(Path(tiny_expert).read_text())
+
+    def alignment(name: str, **data) -> str:  # another expert's card: other weights, the given training data
+        card = {**evaluator, "sha256": "f" * 64, "data": {**evaluator["data"], **data}}
+        path = tmp_path / name / "expert.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(card))
+        return str(path)
+
+    # The evaluator (subset "all") and an expert on half A of the same shards share A's tiles: refused.
+    with pytest.raises(FadscaleError, match="shares training tiles with the alignment expert.*subsets all and A"):
+        evaluate_samples(real_as_samples, tiny_expert, evaluator__alignment_expert=alignment("a", subset="A"), **common)
+    # Another shard set: independent, and the report says on what basis.
+    report = evaluate_samples(real_as_samples, tiny_expert, tmp_path / "r1",
+                              evaluator__alignment_expert=alignment("other", manifest_sha256="0" * 64), **common)
+    assert report["evaluator"]["shares_training_tiles"] is False
+    assert "different shard sets" in (tmp_path / "r1/report.md").read_text()
+    from fadscale.models.expert import shared_training_tiles
+
+    a, b = ({"sha256": s, "data": {"manifest_sha256": "m", "subset": h, "subset_seed": 0}} for s, h in (("1", "A"), ("2", "B")))
+    assert shared_training_tiles(a, b) == (False, "disjoint halves A and B of the same shards (subset seed 0)")
+    assert shared_training_tiles(a, {**b, "data": {**b["data"], "subset_seed": 1}})[0] is True
+    assert shared_training_tiles(a, {**a, "sha256": "3"})[0] is True
+
+
 def test_utility_classifiers(real_as_samples, tiny_expert, tiny_shards):
     report = evaluate_samples(real_as_samples, tiny_expert, real__shards=str(tiny_shards), utility__epochs=1,
                               metrics__ssim_pairs=4, metrics__kid_subsets=2, metrics__per_class=False)

@@ -15,7 +15,7 @@ from torch import nn
 from fadscale.artifacts import SAMPLE_MANIFEST
 from fadscale.data.loader import eval_loader
 from fadscale.data.shard import load_manifest
-from fadscale.models.expert import expert_input, read_card
+from fadscale.models.expert import expert_input, read_card, shared_training_tiles
 from fadscale.runtime.io import FadscaleError, atomic_output_dir
 from fadscale.sample import FORMAT_VERSION as SAMPLES_VERSION, MANIFEST, SAMPLES_DIR, class_dir_name, png_bytes, \
     read_sample_manifest
@@ -179,27 +179,37 @@ def evaluator_selection(card: dict, cfg: EvaluateConfig) -> str:
 
 def check_independence(evaluator_card: dict, manifest: dict | None, alignment_card: str | None,
                        allow: bool) -> dict:
-    """Refuse the alignment expert as evaluator (same weights sha256) unless allowed; returns the
-    report's record of the check."""
-    candidates = []
+    """Refuse an evaluator that shares training tiles with the alignment expert (the same weights, the same
+    half, or "all", decided from the two cards; see `shared_training_tiles`) unless allowed; returns the
+    report's record of the check, with its basis."""
+    candidates = []  # (how it is named, card path, sha256, card or None)
     run = (manifest or {}).get("run") or {}
     if isinstance(run.get("expert"), dict) and run["expert"].get("sha256"):
-        candidates.append((f"named by the run card {run.get('path')}", run["expert"].get("card"),
-                           run["expert"]["sha256"]))
+        where = run["expert"].get("card")
+        card = read_card(where) if where and Path(where).exists() else None
+        candidates.append((f"named by the run card {run.get('path')}", where, run["expert"]["sha256"], card))
     if alignment_card:
         card = read_card(alignment_card)
-        candidates.append(("named by evaluator.alignment_expert", card["_path"], card["sha256"]))
-    same = [c for c in candidates if c[2] == evaluator_card["sha256"]]
-    if same and not allow:
-        what, where, sha = same[0]
+        candidates.append(("named by evaluator.alignment_expert", card["_path"], card["sha256"], card))
+    checks = []
+    for what, where, sha, card in candidates:
+        shared, basis = shared_training_tiles(evaluator_card, card or {"sha256": sha})
+        if card is None and shared is None:
+            basis = f"unknown: the alignment expert's card {where} is not readable here"
+        checks.append((what, where, sha, shared, basis))
+    same = [c for c in checks if c[2] == evaluator_card["sha256"]]
+    shared = [c for c in checks if c[3]]
+    if shared and not allow:
+        what, where, sha, _, basis = (same or shared)[0]
+        who = "is the alignment expert" if same else "shares training tiles with the alignment expert"
         raise FadscaleError(
-            f"evaluator {evaluator_card['_path']} is the alignment expert {what} ({where}, sha256 {sha[:12]}...): "
-            "its verdict on tiles "
-            "generated to match its own features is not independent; use an expert trained on the other half "
-            "(data.subset B) or set evaluator.allow_alignment_expert=true")
-    return {"alignment_expert_sha256": sorted({c[2] for c in candidates}),
-            "alignment_expert_known": bool(candidates),
-            "is_alignment_expert": bool(same), "allowed_anyway": bool(same) and allow}
+            f"evaluator {evaluator_card['_path']} {who} {what} ({where}, sha256 {sha[:12]}...; {basis}): its "
+            "verdict on tiles generated to match that expert's features is not independent; use an expert "
+            "trained on the other half (data.subset B) or set evaluator.allow_alignment_expert=true")
+    return {"alignment_expert_sha256": sorted({c[2] for c in checks}),
+            "alignment_expert_known": bool(checks),
+            "is_alignment_expert": bool(same), "shares_training_tiles": bool(shared),
+            "allowed_anyway": bool(shared) and allow, "independence_basis": "; ".join(sorted({c[4] for c in checks}))}
 
 
 @torch.no_grad()

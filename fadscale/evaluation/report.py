@@ -77,7 +77,10 @@ def markdown_report(report: dict) -> str:
     lines.append(f"- evaluator: {ev['arch']} `{ev['card']}` (sha256 {ev['sha256'][:12]}); "
                  + ("**the alignment expert itself (allowed by evaluator.allow_alignment_expert)**"
                     if ev["is_alignment_expert"] else
-                    "independent of the alignment expert" if ev["alignment_expert_known"] else "alignment expert unknown"))
+                    f"**shares training tiles with the alignment expert (allowed by evaluator.allow_alignment_expert): "
+                    f"{ev.get('independence_basis')}**" if ev.get("shares_training_tiles") else
+                    f"independent of the alignment expert: {ev.get('independence_basis')}" if ev["alignment_expert_known"]
+                    else "alignment expert unknown"))
     if ev.get("selection"):
         lines.append(f"- evaluator weights: {ev['selection']}")
     for warning in report["warnings"]:

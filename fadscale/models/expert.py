@@ -195,6 +195,26 @@ def read_card(card_path: str | Path) -> dict:
     return EXPERT_CARD.read(card_path)
 
 
+def shared_training_tiles(evaluator: dict, alignment: dict) -> tuple[bool | None, str]:
+    """Whether two experts' cards say they were trained on common tiles: (True/False/None: unknown, basis).
+
+    Independent means disjoint halves (A and B, the same subset seed) of the same shard set, or different
+    shard sets (not compared tile by tile). The same weights, the same half, or "all" on either side
+    share training tiles."""
+    if evaluator.get("sha256") == alignment.get("sha256"):
+        return True, "the same weights"
+    a, b = evaluator.get("data") or {}, alignment.get("data") or {}
+    if not a.get("manifest_sha256") or not b.get("manifest_sha256"):
+        return None, "unknown: a card does not record its training data"
+    if a["manifest_sha256"] != b["manifest_sha256"]:
+        return False, "trained on different shard sets (not compared tile by tile)"
+    halves, seeds = {a.get("subset"), b.get("subset")}, (a.get("subset_seed"), b.get("subset_seed"))
+    if halves == {"A", "B"} and seeds[0] == seeds[1]:
+        return False, f"disjoint halves A and B of the same shards (subset seed {seeds[0]})"
+    return True, (f"trained on subsets {a.get('subset')} and {b.get('subset')} (subset seeds {seeds[0]}, {seeds[1]}) "
+                  f"of the same shards: they share training tiles")
+
+
 def load_expert(card_path: str | Path, device: torch.device | str = "cpu", verify: bool = True) -> tuple[Expert, dict]:
     """Build the expert from its card and load its safetensors weights (checked against the card)."""
     card = read_card(card_path)
