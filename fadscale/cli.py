@@ -6,7 +6,10 @@ same `python -m fadscale.<stage> --config F --set k=v` entry points that cluster
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +58,31 @@ def _run_stage(module: str, config: Optional[Path], overrides: list[str] | None,
     else:  # accelerate on CPU needs --multi_gpu for several processes (--cpu forces one)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", f"fadscale.{module}", *args]
-    return subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # The stage runs in its own process group, which gets every stop signal the CLI gets (Ctrl-C as
+    # SIGTERM: the trainers checkpoint and exit 0 on it), and dies with the CLI (PR_SET_PDEATHSIG), so
+    # killing `fadscale` never leaves a stage running unseen.
+    child = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+                             preexec_fn=_die_with_parent())
+
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _die_with_parent():
+    """A preexec function asking Linux to SIGTERM the child when the CLI dies (None elsewhere)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the forked child only calls it
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @app.callback(invoke_without_command=True)

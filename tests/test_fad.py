@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -410,3 +414,73 @@ def test_a_pretrained_unet_folder_is_loaded_and_trained(tiny_shards, tiny_expert
                      model__pretrained=str(tmp_path / "pretrained"), align__enabled=False)
     train_fad(cfg)
     assert json.loads((tmp_path / "run/final/unet/config.json").read_text())["num_class_embeds"] == 9
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tiny_shards, tiny_expert, tmp_path, capsys):
+    from fadscale.runtime.lock import LOCK_FILE, RunLock
+
+    run = tmp_path / "run"
+    cfg = fad_config(tiny_shards, tiny_expert, run, tmp_path / "cache", align__enabled=False, train__max_steps=2,
+                     checkpoint__every=1)
+    held = RunLock(run).acquire()  # another live run holds the folder
+    with pytest.raises(FadscaleError, match=rf"{run}: run folder in use by pid {os.getpid()} on host"):
+        fad_trainer(cfg).run()
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    held.release()
+    # A lock file left by a process that died without releasing it: the lock itself is free.
+    (run / LOCK_FILE).write_text(json.dumps({"host": "node7", "pid": 4242, "started": "earlier"}))
+    fad_trainer(cfg).run()
+    assert "taking over the lock left by pid 4242 on host node7" in capsys.readouterr().err
+    assert (run / "final/run_card.json").is_file() and (run / LOCK_FILE).read_text() == ""
+
+
+def _processes_with(text: str) -> list[int]:
+    """The pids whose command line contains `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def _start_cli_training(config: Path, run: Path, after_records: int, log: Path) -> subprocess.Popen:
+    """`fadscale train` in the background (its output to `log`), once the run has logged `after_records`."""
+    with open(log, "a") as sink:  # a file, not a pipe nobody reads while the trainer writes its progress
+        cli = subprocess.Popen([sys.executable, "-m", "fadscale.cli", "train", "--config", str(config)],
+                               stdout=sink, stderr=sink, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 180
+    while len(read_metrics(run)) < after_records:
+        assert cli.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    return cli
+
+
+@pytest.mark.slow
+def test_the_cli_forwards_stop_signals_and_its_stage_dies_with_it(tiny_shards, tiny_expert, tmp_path):
+    run = tmp_path / "run"
+    cfg = fad_config(tiny_shards, tiny_expert, run, tmp_path / "cache", align__enabled=False,
+                     train__max_steps=100000, checkpoint__every=100000, train__log_every=1)
+    config = _write_config(cfg, tmp_path / "fad.yaml")
+    # SIGTERM to `fadscale train` reaches the trainer (a child process): it checkpoints and exits 0.
+    log = tmp_path / "cli.log"
+    cli = _start_cli_training(config, run, after_records=2, log=log)
+    cli.send_signal(signal.SIGTERM)
+    assert cli.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert _processes_with(str(config)) == []
+    first = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(first) == 1
+    # kill -9 of the CLI: the trainer gets SIGTERM from the kernel (it dies with its parent), checkpoints
+    # and exits; nothing is left running that would hold the run folder.
+    cli = _start_cli_training(config, run, after_records=len(read_metrics(run)) + 2, log=log)
+    cli.kill()
+    cli.wait(timeout=30)
+    deadline = time.monotonic() + 120
+    while _processes_with(str(config)):
+        assert time.monotonic() < deadline, "the trainer outlived the CLI"
+        time.sleep(0.5)
+    second = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert second[-1] > first[-1], (first, second)

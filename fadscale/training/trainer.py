@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from fadscale.config import save_config
 from fadscale.runtime.io import FadscaleError, atomic_write_json
+from fadscale.runtime.lock import RunLock
 from fadscale.runtime.logging import RunLogger, log_line
 from fadscale.runtime.signals import StopRequest
 from fadscale.training.backend import Backend, load_torch
@@ -104,8 +105,31 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def run(self) -> int:
-        with self.stop:  # SIGUSR1/SIGTERM mean "checkpoint and exit" only while the loop runs
-            return self._run()
+        lock = self._lock()
+        try:
+            with self.stop:  # SIGUSR1/SIGTERM mean "checkpoint and exit" only while the loop runs
+                return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _lock(self) -> RunLock | None:
+        """One writer per run folder (the main rank holds the lock); every rank fails together."""
+        lock, error = None, None
+        if self.backend.is_main:
+            try:
+                lock = RunLock(self.out).acquire()
+            except FadscaleError as exc:
+                error = exc
+            if lock is not None and lock.took_over:
+                old = lock.took_over
+                log_line(f"{self.out}: taking over the lock left by pid {old.get('pid')} on host {old.get('host')} "
+                         f"(that process is gone)")
+        if self.backend.any_rank(error is not None):
+            if lock is not None:
+                lock.release()
+            raise error or FadscaleError(f"{self.out}: run folder in use by another run (see rank 0's message)")
+        return lock
 
     def _run(self) -> int:
         s, backend, state = self.settings, self.backend, self.state

@@ -1,0 +1,65 @@
+"""One writer per run folder: an exclusive lock on `<run>/run.lock`, held while a trainer runs.
+
+The lock is an advisory `flock` on the file, so the operating system releases it when its holder dies,
+however it dies (kill -9 included): a lock file whose lock is free is stale, and the next run takes it
+over with a message naming the process that left it. The file records who holds it (host, pid, start
+time), so a refused run can say which process to stop. flock on NFSv4 is mapped to POSIX byte-range
+locks, which the server arbitrates across hosts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from fadscale.runtime.io import FadscaleError
+
+LOCK_FILE = "run.lock"
+
+
+class RunLock:
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+        self.took_over: dict | None = None  # the stale holder's record, when one was found
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read(fd)
+            os.close(fd)
+            raise FadscaleError(
+                f"{self.path.parent}: run folder in use by pid {holder.get('pid', '?')} on host "
+                f"{holder.get('host', '?')} (since {holder.get('started', '?')}); stop that run first, or choose "
+                f"another run.out_dir") from None
+        previous = _read(fd)
+        if previous:
+            self.took_over = previous
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # an empty lock file: released cleanly, nothing stale to report
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read(fd: int) -> dict:
+    data = os.pread(fd, 4096, 0)
+    try:
+        record = json.loads(data.decode()) if data.strip() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {"pid": "?", "host": "? (unreadable lock file)"}
+    return record if isinstance(record, dict) else {}
