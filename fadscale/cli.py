@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 
 from fadscale import __version__
-from fadscale.runtime.io import FadscaleError
+from fadscale.runtime.io import FadscaleError, file_error
 
 app = typer.Typer(
     name="fadscale",
@@ -277,7 +277,13 @@ def demo(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except OSError as exc:  # a file-system error on a path (read-only, not a folder, disk full): one line
+        if exc.filename is None:
+            raise
+        typer.echo(f"error: {file_error(exc)}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -177,6 +177,7 @@ def test_parse_spec_accepts_good_specs():
         ("procedural:size", "size"),
         ("procedural:size=32,size=64", "size"),
         ("kather:size=64", "kather"),
+        ("procedural:per_class=100000000", "per_class or size"),  # 800M tiles: refused at once, not after hours
     ],
 )
 def test_parse_spec_rejects_bad_specs(text, key):

@@ -422,6 +422,28 @@ def test_existing_output_refused_unless_overwrite(tmp_path):
     assert (src / "A/good.png").is_file()
 
 
+def test_a_dead_writers_staging_folder_is_removed_and_a_live_ones_kept(tmp_path, capsys):
+    src = write_tree(tmp_path / "src", {"A/good.png": noise_png()})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".out.{int(dead.stdout)}.x1y2.partial"  # a killed shard-data's half-written output
+    (leftover / "train-000000.tar").parent.mkdir()
+    (leftover / "train-000000.tar").write_bytes(b"half")
+    live = tmp_path / f".out.{os.getpid()}.z9.partial"
+    live.mkdir()
+    shard(src, tmp_path / "out")
+    assert not leftover.exists() and live.is_dir()
+    err = capsys.readouterr().err
+    assert f"removed {leftover}: left by an earlier run" in err and f"note: {live} is another writer's" in err
+
+
+def test_an_output_path_under_a_file_is_one_line_error(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "fadscale.cli", "shard-data", "procedural:per_class=2,size=16",
+                           "--out", str(tmp_path / "a-file" / "shards")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'a-file'}: exists and is not a folder"
+
+
 def test_unsafe_zip_entries_refused_and_never_read(tmp_path, monkeypatch):
     good = noise_png()
     archive = zip_tree(write_tree(tmp_path / "src", {"C/ok.png": good}), tmp_path / "a.zip",

@@ -641,6 +641,9 @@ def _parse_bool(key: str, value: str) -> bool:
     raise FadscaleError(f"procedural spec: {key}={value!r}: expected 0/1 (or true/false)")
 
 
+MAX_PROCEDURAL_PIXELS = 4 * 2**30  # 4 GiB of raw pixels (e.g. 100,000 tiles per class at 64 px, RGB: 9.2 GiB: refused)
+
+
 def parse_spec(text: str) -> ProceduralSpec:
     """Parse "procedural" or "procedural:key=value,..." (keys: per_class, size, seed, grayscale)."""
     head, sep, rest = text.strip().partition(":")
@@ -666,7 +669,15 @@ def parse_spec(text: str) -> ProceduralSpec:
                 f"procedural spec: unknown key {key!r} (={value!r}): "
                 "expected per_class, size, seed or grayscale"
             )
-    return ProceduralSpec(**values)
+    spec = ProceduralSpec(**values)
+    # The tiles are generated in memory (as PNG bytes) before sharding: bound what that can take.
+    pixels = spec.total * spec.size * spec.size * (1 if spec.grayscale else 3)
+    if pixels > MAX_PROCEDURAL_PIXELS:
+        raise FadscaleError(
+            f"procedural spec {text!r}: {spec.total} tiles of {spec.size} px is {pixels / 2**30:.1f} GiB of pixels, "
+            f"more than the {MAX_PROCEDURAL_PIXELS / 2**30:.0f} GiB the generator holds in memory; use a smaller "
+            f"per_class or size")
+    return spec
 
 
 def tile_name(index: int, label: int) -> str:

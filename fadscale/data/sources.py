@@ -199,9 +199,12 @@ def _procedural_source(text: str) -> TileSource:
 
     from fadscale.data.procedural import FOLDER_NAMES, iter_spec, parse_spec
 
+    from tqdm import tqdm
+
     spec = parse_spec(text)
     items = []
-    for relative, class_index, array in iter_spec(spec):
+    for relative, class_index, array in tqdm(iter_spec(spec), total=spec.total, desc="generating", unit="tile",
+                                             disable=spec.total < 5000, dynamic_ncols=True):
         # Generated tiles go through the same decode path as files: keep them as PNG bytes (level 1:
         # fast, and lossless like any level).
         buffer = io.BytesIO()

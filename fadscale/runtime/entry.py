@@ -1,7 +1,7 @@
 """The shared `main` of every `python -m fadscale.<stage>` entry point (run under torchrun/accelerate).
 
-Parses `--config F --set key=value ...`, runs the stage, turns a FadscaleError into one line on stderr
-with exit code 2, and leaves through `distributed.shutdown` (the gloo teardown fix).
+Parses `--config F --set key=value ...`, runs the stage, turns a FadscaleError (or a file-system error on
+a named path: read-only, not a folder, no permission, disk full) into one line on stderr with exit code 2, and leaves through `distributed.shutdown` (the gloo teardown fix).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from fadscale.config import load_config
 from fadscale.runtime.distributed import set_cpu_threads, shutdown
-from fadscale.runtime.io import FadscaleError
+from fadscale.runtime.io import FadscaleError, file_error
 
 
 def run_entry(stage: str, config_cls, run: Callable[[object], int], argv: Sequence[str] | None = None) -> None:
@@ -28,6 +28,13 @@ def run_entry(stage: str, config_cls, run: Callable[[object], int], argv: Sequen
     except FadscaleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: keep the traceback
+            traceback.print_exc()
+            code = 1
+        else:
+            print(f"error: {file_error(exc)}", file=sys.stderr)
+            code = 2
     except BaseException:  # noqa: BLE001 - print it, then still leave through the clean shutdown
         traceback.print_exc()
         code = 1

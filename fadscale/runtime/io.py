@@ -21,6 +21,14 @@ class FadscaleError(Exception):
     """An error a user can act on: printed as one line, without a traceback, with a non-zero exit."""
 
 
+def file_error(exc: OSError) -> str:
+    """One line for a file-system error: the path(s) and what went wrong, e.g. "out/x: Read-only file system"."""
+    where = f"{exc.filename} -> {exc.filename2}" if getattr(exc, "filename2", None) else f"{exc.filename}"
+    if isinstance(exc, FileExistsError):  # mkdir(parents=True) met a file where a folder must go
+        return f"{where}: exists and is not a folder"
+    return f"{where}: {exc.strerror or exc}"
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -123,7 +131,8 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False, made_by
     final.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(final.parent, os.W_OK):
         raise FadscaleError(f"{final.parent}: output folder is not writable")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    _clean_leftovers(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
         share_tree(tmp)
@@ -137,6 +146,36 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False, made_by
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _clean_leftovers(final: Path) -> None:
+    """Remove the staging folders of `final` left by writers that died (their pid is in the name and no
+    longer runs); report any other."""
+    import sys
+
+    prefix = f".{final.name}."
+    for left in final.parent.glob(f"{glob_escape(prefix)}*.partial"):
+        pid = left.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+            print(f"removed {left}: left by an earlier run that stopped before finishing", file=sys.stderr)
+        else:
+            print(f"note: {left} is another writer's staging folder (or an old leftover; remove it if no "
+                  f"other run writes {final})", file=sys.stderr)
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in text)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def git_commit(default: str = "unknown") -> str:
