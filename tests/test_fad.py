@@ -484,3 +484,28 @@ def test_the_cli_forwards_stop_signals_and_its_stage_dies_with_it(tiny_shards, t
         time.sleep(0.5)
     second = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert second[-1] > first[-1], (first, second)
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "optimizer.pt", "ema.safetensors", "rng-0.pt",
+                                    "trainer_state.json"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_intact_one(damage, tiny_shards, tiny_expert, tmp_path, capsys):
+    settings = dict(train__max_steps=6, checkpoint__every=3, align__enabled=False)
+    train_fad(fad_config(tiny_shards, tiny_expert, tmp_path / "full", tmp_path / "cache", **settings))
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "full/checkpoints", run / "checkpoints")
+    target = run / "checkpoints/step-00000006" / damage
+    if damage == "trainer_state.json":
+        target.unlink()
+    else:  # truncated, as by a full disk or a killed copy
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    capsys.readouterr()
+    train_fad(fad_config(tiny_shards, tiny_expert, run, tmp_path / "cache", **settings))
+    err = capsys.readouterr().err
+    assert "step-00000006" in err and damage in err, err[-2000:]
+    assert "resumed from" in err and "step-00000003 at step 3" in err
+    assert [r["step"] for r in read_metrics(run)] == [4, 5, 6]
+    from safetensors.torch import load_file
+
+    full, again = (load_file(str(d / "final/unet_ema/diffusion_pytorch_model.safetensors")) for d in (tmp_path / "full", run))
+    for key in full:
+        torch.testing.assert_close(again[key], full[key], rtol=1e-5, atol=1e-6, msg=key)
