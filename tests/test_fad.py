@@ -423,7 +423,7 @@ def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tiny_shards, 
     cfg = fad_config(tiny_shards, tiny_expert, run, tmp_path / "cache", align__enabled=False, train__max_steps=2,
                      checkpoint__every=1)
     held = RunLock(run).acquire()  # another live run holds the folder
-    with pytest.raises(FadscaleError, match=rf"{run}: run folder in use by pid {os.getpid()} on host"):
+    with pytest.raises(FadscaleError, match=rf"{run}: in use by pid {os.getpid()} on host"):
         fad_trainer(cfg).run()
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
     held.release()

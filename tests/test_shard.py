@@ -436,6 +436,19 @@ def test_a_dead_writers_staging_folder_is_removed_and_a_live_ones_kept(tmp_path,
     assert f"removed {leftover}: left by an earlier run" in err and f"note: {live} is another writer's" in err
 
 
+def test_one_writer_per_output_folder(tmp_path):
+    from fadscale.runtime.lock import RunLock
+
+    src = write_tree(tmp_path / "src", {"A/good.png": noise_png()})
+    held = RunLock(tmp_path, ".out.lock", guards=tmp_path / "out").acquire()  # another shard-data writes "out"
+    with pytest.raises(FadscaleError, match=rf"{tmp_path / 'out'}: in use by pid {os.getpid()}"):
+        shard(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*.partial"))
+    held.release()
+    shard(src, tmp_path / "out")
+    assert (tmp_path / "out/manifest.json").is_file()
+
+
 def test_an_output_path_under_a_file_is_one_line_error(tmp_path):
     (tmp_path / "a-file").write_text("x")
     proc = subprocess.run([sys.executable, "-m", "fadscale.cli", "shard-data", "procedural:per_class=2,size=16",

@@ -131,6 +131,12 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False, made_by
     final.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(final.parent, os.W_OK):
         raise FadscaleError(f"{final.parent}: output folder is not writable")
+    from fadscale.runtime.lock import RunLock
+
+    lock = RunLock(final.parent, f".{final.name}.lock", guards=final).acquire()  # one writer per output
+    if final.exists() and not overwrite:  # another writer finished it while this one started
+        lock.release()
+        raise FadscaleError(f"{final}: output already exists (pass --overwrite to replace it)")
     _clean_leftovers(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
     try:
@@ -146,6 +152,8 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False, made_by
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.release()
 
 
 def _clean_leftovers(final: Path) -> None:

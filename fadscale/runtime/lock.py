@@ -1,4 +1,5 @@
-"""One writer per run folder: an exclusive lock on `<run>/run.lock`, held while a trainer runs.
+"""One writer per run folder: an exclusive lock on `<run>/run.lock`, held while a trainer runs; and one
+writer per output folder (`.<name>.lock` beside it, held while the output is built).
 
 The lock is an advisory `flock` on the file, so the operating system releases it when its holder dies,
 however it dies (kill -9 included): a lock file whose lock is free is stale, and the next run takes it
@@ -22,8 +23,10 @@ LOCK_FILE = "run.lock"
 
 
 class RunLock:
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_FILE
+    def __init__(self, run_dir: str | Path, lock_file: str = LOCK_FILE, guards: str | Path | None = None):
+        """A lock on `run_dir / lock_file`, for the folder `guards` (default: `run_dir`), named in messages."""
+        self.path = Path(run_dir) / lock_file
+        self.guards = Path(guards) if guards is not None else Path(run_dir)
         self._fd: int | None = None
         self.took_over: dict | None = None  # the stale holder's record, when one was found
 
@@ -36,9 +39,9 @@ class RunLock:
             holder = _read(fd)
             os.close(fd)
             raise FadscaleError(
-                f"{self.path.parent}: run folder in use by pid {holder.get('pid', '?')} on host "
-                f"{holder.get('host', '?')} (since {holder.get('started', '?')}); stop that run first, or choose "
-                f"another run.out_dir") from None
+                f"{self.guards}: in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (since "
+                f"{holder.get('started', '?')}; lock {self.path}); stop that run first, or choose another output "
+                f"folder") from None
         previous = _read(fd)
         if previous:
             self.took_over = previous
