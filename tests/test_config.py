@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -279,3 +281,16 @@ def test_an_entry_point_prints_one_line_and_exits_2(tmp_path):
     assert lines == ["error: --set train.lrr=1e-3: unknown key 'train.lrr' (given 0.001); did you mean 'optim.lr'? "
                      "Valid keys in 'train': epochs, label_smoothing, mixed_precision, early_stopping, log_every"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_file_system_error_on_a_path_is_one_line_from_every_stage_entry_point(tmp_path):
+    """As on a read-only file system (root here cannot make one): the entry point every
+    `python -m fadscale.<stage>` runs prints one line naming the path, exit code 2."""
+    code = ("from fadscale.config import FadConfig\n"
+            "from fadscale.runtime.entry import run_entry\n"
+            "def run(cfg):\n"
+            "    raise OSError(30, 'Read-only file system', '/ro/runs/fad/config.yaml')\n"
+            "run_entry('train_fad', FadConfig, run, [])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: /ro/runs/fad/config.yaml: Read-only file system"
