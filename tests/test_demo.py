@@ -105,3 +105,20 @@ def test_overwrite_replaces_only_an_earlier_demo_and_never_the_data(tmp_path):
     with pytest.raises(FadscaleError, match="holds the --data"):
         run_demo(out, data=str(data), overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and (data / "A").is_dir()
+
+
+def test_dependencies_are_ranges_and_the_constraints_pin_what_is_installed():
+    """pyproject.toml states ranges (fadscale installs beside a user's own diffusers); constraints.txt
+    pins the exact tested set, and this environment is that set."""
+    import importlib.metadata as metadata
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    assert all("==" not in r and ">=" in r and "<" in r for r in requirements), requirements
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    canonical = {name.lower().replace("_", "-"): version for name, version in pins.items()}
+    for requirement in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        name = re.split(r"[<>=]", requirement)[0].lower()
+        assert canonical.get(name) == metadata.version(name), (name, canonical.get(name))
