@@ -96,6 +96,11 @@ def loss_curves(runs: dict[str, Path]) -> bytes:
             axes[1].plot([r["step"] for r in aligned], [r["loss/align"] for r in aligned], label=arm)
     axes[0].set_title("noise loss (MSE, lower is better)")
     axes[1].set_title("alignment loss (1 - cosine)")
+    return _step_plot(fig, axes)
+
+
+def _step_plot(fig, axes) -> bytes:
+    """Finish a figure of curves against training steps: axis label, legend, grid; its PNG bytes."""
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend()
@@ -125,12 +130,7 @@ def learning_curves(runs: dict[str, Path], real_accuracy: float | None) -> bytes
     axes[0].set_title("generation accuracy (higher is better)")
     axes[1].set_title("Frechet distance, evaluator features (lower is better)")
     axes[1].set_yscale("log")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return _png(fig)
+    return _step_plot(fig, axes)
 
 
 def comparison_grid(result: dict, per_row: int = 8) -> bytes:

@@ -30,13 +30,11 @@ _TINY_SD_BLOCKS = dict(
 
 # Self-attention over every pixel of the full-resolution level dominates a CPU step (13 s vs 0.7 s per
 # step for cpu-small at 32x32, batch 16): the CPU presets drop attention at that level only.
+_CPU_COMMON = dict(mid_block_type=None, layers_per_block=1, attention_head_dim=4, norm_num_groups=8)
 _CPU_BLOCKS = dict(
+    _CPU_COMMON,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    mid_block_type=None,
-    layers_per_block=1,
-    attention_head_dim=4,
-    norm_num_groups=8,
 )
 
 # The demo's UNet: attention (self + the token's cross-attention) at the lowest level only (8x8 at 32 px),
@@ -44,12 +42,9 @@ _CPU_BLOCKS = dict(
 # it trains at 0.17 s/step fp32, 0.13 s/step bf16 autocast (tools/bench_step.py) and reaches generation
 # accuracy above the evaluator's real-tile accuracy in 800 steps (README, "Class-faithful tiles").
 _CPU_BASE_BLOCKS = dict(
+    _CPU_COMMON,
     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    mid_block_type=None,
-    layers_per_block=1,
-    attention_head_dim=4,
-    norm_num_groups=8,
 )
 
 PRESETS: dict[str, dict] = {
