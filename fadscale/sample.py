@@ -14,7 +14,10 @@ The sample set `<run.out_dir>/samples/` is built in a temporary folder and renam
     samples/
       manifest.json          what was sampled, from which run and weights, how, with every seed
       config.yaml            the effective config
-      <CLASS>/00000.png ...  8-bit L or RGB tiles
+      images/01_TUMOR/00000.png ...   8-bit L or RGB tiles, a folder per class numbered in the project's
+                             class order: `torchvision.datasets.ImageFolder(samples/images)` and Hugging
+                             Face `load_dataset("imagefolder", data_dir=samples/images)` give its labels
+      classes.txt            the class names, one per line, in class-index order
       grids/<CLASS>.png      a grid of the first images of each class
       grid.png               one row per class
       shards/                (output.shards) the same tiles as WebDataset shards, in the shard format
@@ -49,6 +52,8 @@ from fadscale.sampling import generate, grid, make_scheduler, to_uint8
 
 SAMPLES_DIR = "samples"
 MANIFEST = SAMPLE_MANIFEST.filename
+IMAGES_DIR = "images"
+CLASS_INDEX = "classes.txt"
 FORMAT_VERSION = 1
 SEED_RULE = "int.from_bytes(sha256(f'fadscale-sample:{base}:{class_index}:{index}:{attempt}')[:8], 'big') >> 1"
 DEFAULT_STEPS = {"dpm++": 25, "ddim": 50}
@@ -214,6 +219,13 @@ def class_dir_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "_"
 
 
+def class_folder(index: int, name: str) -> str:
+    """Where a sample set keeps class `index`'s tiles: `images/01_TUMOR`. `images/` holds nothing but class
+    folders, numbered so that their sorted order is the project's class order: ImageFolder and Hugging Face
+    `imagefolder` pointed at it give every tile the project's label."""
+    return f"{IMAGES_DIR}/{index + 1:02d}_{class_dir_name(name)}"
+
+
 # --------------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +288,7 @@ def _generate_batch(sampler: Sampler, cfg: SampleConfig, batch: list[tuple[int, 
             if flt.enabled and not passed and attempt + 1 < flt.max_attempts:
                 retry.append((c, j, attempt + 1))
                 continue
-            rel = f"{class_dir_name(names[c])}/{j:05d}.png"
+            rel = f"{class_folder(c, names[c])}/{j:05d}.png"
             (folder / rel).write_bytes(png_bytes(_as_hwc(image)))
             records.append({"file": rel, "class": names[c], "class_index": c, "index": j, "seed": seed,
                             "attempts": attempt + 1, "mean_intensity": round(mean, 6),
@@ -337,7 +349,7 @@ def _write_shards(folder: Path, names: list[str], records: list[dict], channels:
         writer.write(key, {"cls": str(rec["class_index"]).encode("ascii"), "png": (folder / rec["file"]).read_bytes(),
                            "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
         counts[rec["class"]] += 1
-    classes = [{"index": i, "name": name, "folder": class_dir_name(name)} for i, name in enumerate(names)]
+    classes = [{"index": i, "name": name, "folder": class_folder(i, name)} for i, name in enumerate(names)]
     manifest = shard_manifest(source={"path": str(source), "kind": "generated", "spec": None, "root": None},
                               channels=channels, sizes={f"{size}x{size}": len(records)}, classes=classes, seed=None,
                               val_fraction=0.0, per_class={"train": counts}, shards={"train": writer.close()},
@@ -394,8 +406,9 @@ def sample_images(cfg: SampleConfig) -> dict:
             broadcast_object_list(folder_box)
         folder = Path(folder_box[0])
         if is_main:
-            for name in names:
-                (folder / class_dir_name(name)).mkdir(parents=True, exist_ok=True)
+            for i, name in enumerate(names):
+                (folder / class_folder(i, name)).mkdir(parents=True, exist_ok=True)
+            (folder / CLASS_INDEX).write_text("".join(f"{name}\n" for name in names))
         accelerator.wait_for_everyone()
 
         start = time.perf_counter()
@@ -452,7 +465,7 @@ def _manifest(cfg: SampleConfig, loaded: LoadedRun, sampler: Sampler, names: lis
                 "space": card["space"], "expert": card.get("expert"), "shards_manifest": card.get("shards_manifest"),
                 "vae": card.get("vae")},
         "classes": names,
-        "class_folders": {name: class_dir_name(name) for name in names},
+        "class_folders": {name: class_folder(i, name) for i, name in enumerate(names)},
         "image": {"size": size, "channels": sampler.out_channels, "mode": "L" if sampler.out_channels == 1 else "RGB"},
         "weights": {"requested": cfg.model.weights, "used": loaded.weights, "fallback": loaded.fallback},
         "sampler": {"scheduler": cfg.sample.scheduler, "steps": sampler.steps, "guidance": cfg.sample.guidance,

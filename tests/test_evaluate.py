@@ -145,21 +145,21 @@ def test_bad_sample_folders_give_one_line_errors(real_as_samples, tiny_expert, t
     check(tmp_path / "absent", "not found")
 
     missing = _copy(real_as_samples, tmp_path / "m")
-    shutil.rmtree(missing / "LYMPHO")
+    shutil.rmtree(missing / "images/04_LYMPHO")
     check(missing, "LYMPHO missing")
 
     sizes = _copy(real_as_samples, tmp_path / "s")
-    Image.new("L", (16, 16), 128).save(sizes / "DEBRIS" / "00002.png")
-    check(sizes, "mismatched image sizes: DEBRIS/00002.png is 16x16")
+    Image.new("L", (16, 16), 128).save(sizes / "images/05_DEBRIS" / "00002.png")
+    check(sizes, "mismatched image sizes: images/05_DEBRIS/00002.png is 16x16")
 
     short = _copy(real_as_samples, tmp_path / "c")
-    (short / "EMPTY" / "00000.png").unlink()
+    (short / "images/08_EMPTY" / "00000.png").unlink()
     check(short, "counts differ from its manifest: EMPTY")
 
     stranger = _copy(real_as_samples, tmp_path / "x")
-    (stranger / "tumour").mkdir()
-    shutil.copy(stranger / "TUMOR" / "00000.png", stranger / "tumour" / "00000.png")
-    check(stranger, "tumour are not classes")
+    (stranger / "images/tumour").mkdir()
+    shutil.copy(stranger / "images/01_TUMOR" / "00000.png", stranger / "images/tumour" / "00000.png")
+    check(stranger, "images/tumour are not classes")
 
 
 def test_cli_reports_a_bad_folder_in_one_line(tiny_expert, tiny_shards, tmp_path):

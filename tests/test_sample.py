@@ -33,8 +33,7 @@ def sample_set(tiny_fad_run, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _pngs(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob("*/*.png"))
-            if p.parent.name in CLASSES}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob("images/*/*.png"))}
 
 
 def test_layout_and_manifest(sample_set, tiny_fad_run):
@@ -53,7 +52,15 @@ def test_layout_and_manifest(sample_set, tiny_fad_run):
     assert manifest["timing"]["s_per_image"] > 0 and manifest["world_size"] == 1
     assert (folder / "config.yaml").is_file()
     files = _pngs(folder)
-    assert sorted(files) == sorted(f"{c}/{j:05d}.png" for c in CLASSES for j in range(2))
+    assert sorted(files) == [f"images/{i + 1:02d}_{c}/{j:05d}.png" for i, c in enumerate(CLASSES) for j in range(2)]
+    assert (folder / "classes.txt").read_text().split() == CLASSES
+    # images/ is an ImageFolder in the project's class order: torchvision gives every tile its class index.
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(str(folder / "images"))
+    assert [dataset.classes[label] for _, label in dataset.samples] == [f"{i + 1:02d}_{c}" for i, c in
+                                                                         enumerate(CLASSES) for _ in range(2)]
+    assert [label for _, label in dataset.samples] == [rec["class_index"] for rec in manifest["images"]]
     for rec in manifest["images"]:
         assert rec["seed"] == image_seed(5, rec["class_index"], rec["index"]) and rec["attempts"] == 1
         with Image.open(folder / rec["file"]) as img:
@@ -79,7 +86,7 @@ def test_shards_hold_the_same_tiles(sample_set):
         for key, label, image in zip(batch["key"], batch["label"].tolist(), to_uint8(batch["image"])):
             c, j = int(key[:2]), int(key.split("gen")[1])
             assert label == c
-            with Image.open(folder / CLASSES[c] / f"{j:05d}.png") as img:
+            with Image.open(folder / f"images/{c + 1:02d}_{CLASSES[c]}" / f"{j:05d}.png") as img:
                 assert torch.equal(torch.from_numpy(np.array(img)), image[0])
             seen += 1
     assert seen == 16
@@ -131,7 +138,7 @@ def test_ema_and_raw_weights(sample_set, tiny_fad_run, tmp_path):
     raw = sample_images(sample_config(tiny_fad_run, tmp_path / "raw", sample__per_class=1, model__weights="raw", **BASE))
     assert raw["weights"] == {"requested": "raw", "used": "unet", "fallback": False}
     ema_pngs, raw_pngs = _pngs(folder), _pngs(tmp_path / "raw" / "samples")
-    assert sorted(raw_pngs) == [f"{c}/00000.png" for c in sorted(CLASSES)]
+    assert sorted(raw_pngs) == [f"images/{i + 1:02d}_{c}/00000.png" for i, c in enumerate(CLASSES)]
     assert any(raw_pngs[name] != ema_pngs[name] for name in raw_pngs)  # EMA weights differ from the raw ones
     # A run without EMA weights: "ema" falls back to the raw UNet, and says so.
     final = tmp_path / "no-ema" / "final"
@@ -177,7 +184,7 @@ def test_latent_space_runs_decode_with_the_vae(tmp_path):
         "config": {"data": {"channels": 1}}}))
     manifest = sample_images(sample_config(final.parent, tmp_path / "out", sample__per_class=1, **BASE))
     assert manifest["weights"]["used"] == "unet" and manifest["image"] == {"size": 32, "channels": 1, "mode": "L"}
-    with Image.open(tmp_path / "out" / "samples" / "B" / "00000.png") as img:
+    with Image.open(tmp_path / "out" / "samples" / "images/02_B" / "00000.png") as img:
         assert img.mode == "L" and img.size == (32, 32)
 
 

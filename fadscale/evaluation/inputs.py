@@ -17,14 +17,14 @@ from fadscale.data.loader import eval_loader
 from fadscale.data.shard import load_manifest
 from fadscale.models.expert import expert_input, read_card, shared_training_tiles
 from fadscale.runtime.io import FadscaleError, atomic_output_dir
-from fadscale.sample import FORMAT_VERSION as SAMPLES_VERSION, MANIFEST, SAMPLES_DIR, class_dir_name, png_bytes, \
-    read_sample_manifest
+from fadscale.sample import FORMAT_VERSION as SAMPLES_VERSION, MANIFEST, SAMPLES_DIR, class_dir_name, class_folder, \
+    png_bytes, read_sample_manifest
 from fadscale.sampling import to_uint8
 
 if TYPE_CHECKING:
     from fadscale.evaluate import EvaluateConfig
 
-NOT_CLASS_DIRS = {"grids", "shards"}
+NOT_CLASS_DIRS = {"grids", "shards", "images"}
 
 
 def resolve_samples(path: str | Path) -> Path:
@@ -67,8 +67,11 @@ def load_sample_set(path: str | Path, classes: list[str]) -> tuple[Path, dict | 
     if not any(pngs.values()):
         raise FadscaleError(f"samples {folder}: no generated tiles (expected <CLASS>/<index>.png for classes "
                             f"{', '.join(classes)})")
-    known = set(folders.values()) | NOT_CLASS_DIRS
-    strangers = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in known
+    known = {Path(sub) for sub in folders.values()}
+    places = {sub.parent for sub in known} | {Path(".")}  # images/ (a sample set) and the top (a plain folder)
+    strangers = sorted((place / p.name).as_posix() for place in places if (folder / place).is_dir()
+                       for p in (folder / place).iterdir()
+                       if p.is_dir() and place / p.name not in known and p.name not in NOT_CLASS_DIRS
                        and not p.name.startswith(".") and any(p.glob("*.png")))
     if strangers:
         raise FadscaleError(f"samples {folder}: folder(s) {', '.join(strangers)} are not classes of the evaluator "
@@ -146,16 +149,17 @@ def export_real_tiles(shards: str | Path, out: str | Path, *, split: str = "val"
     tiles = load_real_tiles(shards, classes, split=split, image_size=image_size, channels=channels, subset=subset,
                             subset_seed=subset_seed, max_per_class=max_per_class)
     with atomic_output_dir(out, overwrite=overwrite, made_by=SAMPLE_MANIFEST.filename) as folder:
-        for name, stack in tiles.items():
-            (folder / class_dir_name(name)).mkdir()
+        for i, name in enumerate(classes):
+            stack = tiles[name]
+            (folder / class_folder(i, name)).mkdir(parents=True)
             for j, tile in enumerate(stack):
                 array = tile[0].numpy() if channels == 1 else tile.permute(1, 2, 0).numpy()
-                (folder / class_dir_name(name) / f"{j:05d}.png").write_bytes(png_bytes(np.ascontiguousarray(array)))
+                (folder / class_folder(i, name) / f"{j:05d}.png").write_bytes(png_bytes(np.ascontiguousarray(array)))
         SAMPLE_MANIFEST.write(folder, {
             "format_version": SAMPLES_VERSION, "kind": "real",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": {"shards": str(Path(shards).resolve()), "split": split, "subset": subset},
-            "run": None, "classes": classes, "class_folders": {n: class_dir_name(n) for n in classes},
+            "run": None, "classes": classes, "class_folders": {n: class_folder(i, n) for i, n in enumerate(classes)},
             "image": {"size": image_size, "channels": channels, "mode": "L" if channels == 1 else "RGB"},
             "per_class": {name: len(stack) for name, stack in tiles.items()},
             "count": sum(len(stack) for stack in tiles.values()),
