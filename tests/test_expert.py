@@ -462,3 +462,20 @@ def test_card_class_count_must_match_the_weights(tiny_expert: Path, tmp_path: Pa
     (copy / "expert.json").write_text(json.dumps(card))
     with pytest.raises(FadscaleError, match="does not fit test_resnet with 9 classes"):
         load_expert(copy / "expert.json")
+
+
+def test_timm_loads_the_trained_backbone_from_expert_safetensors(tiny_expert: Path):
+    """What a timm user writes: no fadscale import, no key renaming."""
+    import timm
+
+    card = json.loads(tiny_expert.read_text())
+    assert card["weights_layout"] == "timm backbone keys + fadscale_head.*"
+    backbone = timm.create_model(card["arch"], pretrained=True, num_classes=0, in_chans=card["in_chans"],
+                                 pretrained_cfg_overlay=dict(file=str(tiny_expert.parent / card["weights"]))).eval()
+    expert, _ = load_expert(tiny_expert)
+    x = torch.randn(3, card["in_chans"], card["input_size"], card["input_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), expert.features(x))
+    fresh = timm.create_model(card["arch"], num_classes=0, in_chans=card["in_chans"]).eval()
+    with torch.no_grad():
+        assert not torch.allclose(fresh(x), expert.features(x))  # the weights were loaded, not left random

@@ -20,6 +20,10 @@ from fadscale.artifacts import EXPERT_CARD
 from fadscale.runtime.io import FadscaleError, save_safetensors, sha256_file
 
 WEIGHTS_NAME = "expert.safetensors"
+# expert.safetensors holds the backbone under timm's own keys (so timm loads it: README, "The expert") and
+# this project's head under `fadscale_head.`; files of earlier versions prefix the backbone with `backbone.`.
+HEAD_PREFIX = "fadscale_head."
+WEIGHTS_LAYOUT = "timm backbone keys + fadscale_head.*"
 CARD_NAME = EXPERT_CARD.filename
 
 
@@ -149,6 +153,8 @@ def load_initial_weights(model: Expert, path: str | Path) -> str:
     from timm.models import adapt_input_conv
 
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith(HEAD_PREFIX) for k in state):  # a fadscale expert: its head may fit too
+        state = module_state(state)
     head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
     backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("head.")}
     filter_fn = getattr(sys.modules.get(type(model.backbone).__module__), "checkpoint_filter_fn", None)
@@ -185,9 +191,19 @@ def save_expert(out_dir: str | Path, model: Expert, card: dict) -> dict:
     """Write weights then card (atomically); the card gets the weights' sha256. Returns the card."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                     out_dir / WEIGHTS_NAME)
-    return EXPERT_CARD.write(out_dir, {**card, "weights": WEIGHTS_NAME, "sha256": sha256_file(out_dir / WEIGHTS_NAME)})
+    state = {**{k: v for k, v in model.backbone.state_dict().items()},
+             **{HEAD_PREFIX + k: v for k, v in model.head.state_dict().items()}}
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()}, out_dir / WEIGHTS_NAME)
+    return EXPERT_CARD.write(out_dir, {**card, "weights": WEIGHTS_NAME, "weights_layout": WEIGHTS_LAYOUT,
+                                       "sha256": sha256_file(out_dir / WEIGHTS_NAME)})
+
+
+def module_state(state: dict) -> dict:
+    """An expert.safetensors state as the Expert module's keys (`backbone.*`, `head.*`), either layout."""
+    if any(k.startswith("backbone.") for k in state):
+        return state
+    return {(f"head.{k.removeprefix(HEAD_PREFIX)}" if k.startswith(HEAD_PREFIX) else f"backbone.{k}"): v
+            for k, v in state.items()}
 
 
 def read_card(card_path: str | Path) -> dict:
@@ -229,7 +245,7 @@ def load_expert(card_path: str | Path, device: torch.device | str = "cpu", verif
     except Exception as exc:  # noqa: BLE001
         raise FadscaleError(f"{weights}: not a readable safetensors file ({exc})") from None
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(module_state(state), strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
         raise FadscaleError(f"{weights}: does not fit {card['arch']} with {len(card['classes'])} classes ({first})") from None
