@@ -27,6 +27,7 @@ app = typer.Typer(
     "Start with `fadscale demo`: the whole pipeline on built-in tiles, on a CPU, in minutes.",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
 
@@ -237,6 +238,8 @@ def submit(
     accelerate_config: Optional[str] = typer.Option(None, help="accelerate config, e.g. launch/accelerate/deepspeed_zero2.yaml."),
     overrides: Optional[list[str]] = SetOption,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the sbatch script instead of submitting it."),
+    sbatch_args: Optional[list[str]] = typer.Option(
+        None, "--sbatch-arg", help="Another #SBATCH option as KEY=VALUE, e.g. --sbatch-arg mem=64G (repeatable)."),
 ) -> None:
     """Render an sbatch script into the run folder and submit it (requeues itself on preemption).
 
@@ -248,7 +251,7 @@ def submit(
         script, job_id = submit_job(stage, config, nodes=nodes, gpus_per_node=gpus_per_node, cpu=cpu,
                                     partition=partition, time=time, account=account, qos=qos,
                                     constraint=constraint, accelerate_config=accelerate_config,
-                                    overrides=overrides or [], dry_run=dry_run)
+                                    overrides=overrides or [], dry_run=dry_run, sbatch_args=sbatch_args or [])
     except FadscaleError as exc:
         _fail(exc)
     typer.echo(script if dry_run else f"submitted job {job_id} ({script})")

@@ -153,6 +153,29 @@ _SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+
                          r"|UNLIMITED|INFINITE|unlimited|infinite)$")
 
 
+# Directives the template writes itself (from submit's options or the run): not to be passed again.
+_SET_BY_FADSCALE = {"job-name", "nodes", "ntasks-per-node", "cpus-per-task", "chdir", "output", "error", "signal",
+                    "requeue", "no-requeue", "open-mode", "gpus-per-node", "partition", "time", "account", "qos",
+                    "constraint", "ntasks", "wrap"}
+_SBATCH_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
+_SBATCH_VALUE = re.compile(r"^[A-Za-z0-9._,:=@%+/&|*()\[\]-]*$")
+
+
+def sbatch_directive(arg: str) -> str:
+    """`--sbatch-arg KEY=VALUE` (or KEY alone) as `--KEY=VALUE`, checked: a known-shaped key that the
+    template does not set itself, and a value without spaces, quotes, '$' or control characters."""
+    key, sep, value = arg.partition("=")
+    key = key.strip().removeprefix("--")
+    if not _SBATCH_KEY.match(key):
+        raise FadscaleError(f"--sbatch-arg {arg!r}: expected KEY=VALUE with an sbatch option name, e.g. mem=64G")
+    if key in _SET_BY_FADSCALE:
+        raise FadscaleError(f"--sbatch-arg {arg!r}: --{key} is set by fadscale (use submit's own options)")
+    if not _SBATCH_VALUE.match(value):
+        raise FadscaleError(f"--sbatch-arg {arg!r}: the value may not contain spaces, quotes, '$' or control "
+                            f"characters")
+    return f"--{key}={value}" if sep else f"--{key}"
+
+
 def check_slurm_value(flag: str, value: str) -> str:
     """`value` for `--flag`, or a one-line error naming it and what SLURM accepts."""
     if flag == "time":
@@ -262,8 +285,10 @@ def render_sbatch(
     cpus_per_task: int | None = None,
     job_name: str | None = None,
     module: str | None = None,
+    sbatch_args: Iterable[str] = (),
 ) -> str:
     """The sbatch script for `stage` on `nodes` x `gpus_per_node` (processes per node with `cpu`).
+    `sbatch_args`: further `#SBATCH` options as KEY=VALUE (mem=64G, gres=gpu:8, mail-type=END, ...).
 
     `module` replaces the stage's Python module (the launcher stays the stage's): for tests of the
     launch machinery with a stand-in entry point."""
@@ -301,6 +326,7 @@ def render_sbatch(
     ):
         if value not in (None, ""):
             extra.append(f"--{flag}={check_slurm_value(flag, value)}")
+    extra += [sbatch_directive(arg) for arg in sbatch_args]
     sbatch_extra = "".join(f"#SBATCH {line}\n" for line in extra)
 
     command = launcher_command(

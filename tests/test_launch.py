@@ -239,6 +239,16 @@ def test_slurm_values_in_their_formats_are_rendered(config: Path):
         assert f"#SBATCH {line}\n" in text
 
 
+def test_other_sbatch_options_pass_through_checked(config: Path):
+    text = render_sbatch("train", config, sbatch_args=["mem=64G", "--gres=gpu:8", "mail-type=END,FAIL", "exclusive"])
+    for line in ("--mem=64G", "--gres=gpu:8", "--mail-type=END,FAIL", "--exclusive"):
+        assert f"#SBATCH {line}\n" in text
+    for bad, why in (("mem=64G\ntouch X", "may not contain"), ("mail-user=a b", "may not contain"),
+                     ("time=1:00:00", "set by fadscale"), ("output=/tmp/x", "set by fadscale"), ("=5", "expected KEY")):
+        with pytest.raises(FadscaleError, match=why):
+            render_sbatch("train", config, sbatch_args=[bad])
+
+
 def test_submit_dry_run_writes_nothing(config: Path, tmp_path: Path):
     text, job = submit("train", config, dry_run=True, nodes=2, gpus_per_node=4)
     assert job is None and text.startswith("#!/bin/bash") and "--num_processes 8" in text
