@@ -28,7 +28,7 @@ from tqdm import tqdm
 from fadscale import __version__
 from fadscale.artifacts import CACHE_MANIFEST
 from fadscale.conditioning import CONDITIONING_FILE, class_prompts, encode_prompts, save_table
-from fadscale.config import FadConfig
+from fadscale.config import FadConfig, needs_spatial
 from fadscale.data.loader import NUM_VIEWS, apply_view, decode_image
 from fadscale.data.shard import load_manifest
 from fadscale.models.expert import expert_input, load_expert, read_card
@@ -38,16 +38,6 @@ from fadscale.runtime.entry import run_entry
 from fadscale.runtime.io import FadscaleError, atomic_write_json, read_json, sha256_file
 from fadscale.runtime.logging import log_line
 
-
-
-def uses_cache(cfg: FadConfig) -> bool:
-    """Whether training reads the feature cache: a cached alignment target, VAE latents, or text conditioning."""
-    return (cfg.align.enabled and cfg.align.target == "cached") or cfg.model.space == "latent" \
-        or cfg.conditioning.text_encoder is not None
-
-
-def needs_spatial(cfg: FadConfig) -> bool:
-    return cfg.cache.spatial if cfg.cache.spatial is not None else (cfg.align.enabled and cfg.align.projector == "repa")
 
 
 def fingerprint(cfg: FadConfig, card: dict) -> dict:

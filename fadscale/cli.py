@@ -46,9 +46,23 @@ def _launch(module: str, config: Optional[Path], overrides: list[str] | None, np
     raise typer.Exit(_run_stage(module, config, overrides, nproc, launcher, extra))
 
 
+def _checked(module: str, config: Optional[Path], overrides: list[str] | None):
+    """The stage's config, validated here (pydantic and yaml only: a typo is answered in a second, before
+    the stage's process imports torch and diffusers)."""
+    from fadscale import config as configs
+
+    model = {"train_expert": configs.ExpertConfig, "cache_features": configs.FadConfig, "train_fad": configs.FadConfig,
+             "sample": configs.SampleConfig, "evaluate": configs.EvaluateConfig}[module]
+    try:
+        return configs.load_config(model, config, list(overrides or []))
+    except FadscaleError as exc:
+        _fail(exc)
+
+
 def _run_stage(module: str, config: Optional[Path], overrides: list[str] | None, nproc: int, launcher: str,
                extra: list[str] = ()) -> int:
     """`python -m fadscale.<module>` in a child process (under a launcher when nproc > 1); its exit code."""
+    _checked(module, config, overrides)
     args = (["--config", str(config)] if config else []) + [a for o in overrides or [] for a in ("--set", o)]
     args += list(extra)
     if nproc <= 1:
@@ -183,13 +197,9 @@ def train(
     (the same as: fadscale cache-features ... when the cache is missing, then
     accelerate launch -m fadscale.train_fad --config configs/tiny/fad.yaml)
     """
-    from fadscale.cache_features import uses_cache
-    from fadscale.config import FadConfig, load_config
+    from fadscale.config import uses_cache
 
-    try:
-        cfg = load_config(FadConfig, config, overrides or [])
-    except FadscaleError as exc:
-        _fail(exc)
+    cfg = _checked("train_fad", config, overrides)
     if uses_cache(cfg) and not (Path(cfg.cache.dir) / "manifest.json").is_file():
         typer.echo(f"feature cache {cfg.cache.dir} missing: building it first", err=True)
         code = _run_stage("cache_features", config, overrides, nproc, "accelerate")

@@ -223,6 +223,126 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 # Loading, overrides, errors
 # --------------------------------------------------------------------------------------------------
 
+def uses_cache(cfg: FadConfig) -> bool:
+    """Whether training reads the feature cache: a cached alignment target, VAE latents, or text conditioning."""
+    return (cfg.align.enabled and cfg.align.target == "cached") or cfg.model.space == "latent" \
+        or cfg.conditioning.text_encoder is not None
+
+
+def needs_spatial(cfg: FadConfig) -> bool:
+    """Whether the cache holds the expert's spatial map too (the repa projector's target)."""
+    return cfg.cache.spatial if cfg.cache.spatial is not None else (cfg.align.enabled and cfg.align.projector == "repa")
+
+
+# ------------------------------------------------------------------------------- fadscale sample
+
+
+class SampleRunSection(Section):
+    out_dir: str = Field("runs/samples", description="folder of this stage; the sample set is <out_dir>/samples")
+    seed: int = Field(0, ge=0, description="base seed: every image's seed derives from it, its class and index")
+    overwrite: bool = Field(False, description="replace an existing sample set (only once the new one is complete)")
+
+
+class SampleModelSection(Section):
+    path: str = Field("runs/fad", description="a FAD/vanilla run folder (holding final/) or its final/ folder")
+    weights: Literal["ema", "raw"] = Field("ema", description="ema: unet_ema (unet when the run has none)")
+
+
+class SamplingSection(Section):
+    scheduler: Literal["dpm++", "ddim", "ddpm"] = Field("dpm++", description="ddpm: the reference (1000 steps)")
+    steps: int | None = Field(None, ge=1, description="None: 25 for dpm++, 50 for ddim, all training steps for ddpm")
+    guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale; 1: off")
+    per_class: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="images per UNet batch (the same on any number of ranks)")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on GPU")
+
+
+class FilterSection(Section):
+    enabled: bool = Field(False, description="the reference's mean-intensity rejection filter")
+    low: float = Field(0.02, ge=0, le=1, description="reject tiles whose mean intensity (0..1) is below")
+    high: float = Field(0.98, ge=0, le=1, description="reject tiles whose mean intensity (0..1) is above")
+    max_attempts: int = Field(10, ge=1, description="generations per image; the last is kept even if rejected")
+
+
+class OutputSection(Section):
+    grid: int = Field(64, ge=1, description="images per class in the grids")
+    shards: bool = Field(False, description="also write the tiles as WebDataset shards (png/cls/json)")
+    shard_samples: int = Field(1000, ge=1, description="tiles per shard")
+
+
+class SampleConfig(Section):
+    run: SampleRunSection = SampleRunSection()
+    model: SampleModelSection = SampleModelSection()
+    sample: SamplingSection = SamplingSection()
+    filter: FilterSection = FilterSection()
+    output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _filter_range(self) -> "SampleConfig":
+        # Here rather than in FilterSection: a check across keys is reported with its own message.
+        if self.filter.low > self.filter.high:
+            raise ValueError(f"filter.low ({self.filter.low}) must not exceed filter.high ({self.filter.high})")
+        return self
+
+
+# ----------------------------------------------------------------------------- fadscale evaluate
+
+
+class EvalRunSection(Section):
+    out_dir: str = Field("runs/evaluate", description="report folder (written atomically)")
+    seed: int = Field(0, ge=0, description="seeds the SSIM pairs, KID subsets and the utility classifiers")
+    overwrite: bool = Field(False, description="replace an existing report folder")
+
+
+class RealSection(Section):
+    shards: str | None = Field(None, description="real shards; None: those the sampled run was trained on")
+    split: Literal["val", "train"] = "val"
+    subset: Literal["all", "A", "B"] = "all"
+    subset_seed: int = 0
+    max_per_class: int | None = Field(None, ge=2, description="cap the real tiles per class (first by key)")
+
+
+class EvaluatorSection(Section):
+    card: str = Field("runs/expert_b/expert.json", description="the evaluator expert's card (not the alignment expert)")
+    alignment_expert: str | None = Field(None, description="the alignment expert's card; default: the run card's")
+    allow_alignment_expert: bool = Field(False, description="evaluate with the alignment expert anyway (reported)")
+    batch_size: int = Field(64, ge=1)
+
+
+class MetricsSection(Section):
+    ssim_pairs: int = Field(100, ge=1, description="random pairs per class for SSIM diversity")
+    kid_subsets: int = Field(50, ge=1)
+    kid_subset_size: int = Field(1000, ge=2, description="capped by the smaller set")
+    pr_k: int = Field(3, ge=1, description="k of the k-NN manifolds (precision/recall)")
+    per_class: bool = Field(True, description="also per-class Frechet distance, KID, precision/recall")
+    inception_weights: str | None = Field(None, description="local Inception weights for FID (needs torch-fidelity)")
+
+
+class UtilitySection(Section):
+    enabled: bool = Field(True, description="train-on-synthetic, test-on-real classifiers")
+    arch: str = Field("tiny-cnn", description="tiny-cnn, or a timm model name (trained from scratch)")
+    steps: int | None = Field(300, ge=1, description="optimizer steps per classifier, the same for every "
+                              "training set (so a smaller set is not also trained less); None: `epochs` passes")
+    epochs: int = Field(5, ge=1, description="passes over the training set when steps is None")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    max_real_per_class: int | None = Field(None, ge=1, description="cap the real train tiles per class")
+
+
+class ReportSection(Section):
+    grid: int = Field(8, ge=1, description="real and generated tiles per class in the grids")
+
+
+class EvaluateConfig(Section):
+    run: EvalRunSection = EvalRunSection()
+    samples: str = Field("runs/samples", description="a sample set (or the sample stage folder holding samples/)")
+    real: RealSection = RealSection()
+    evaluator: EvaluatorSection = EvaluatorSection()
+    metrics: MetricsSection = MetricsSection()
+    utility: UtilitySection = UtilitySection()
+    report: ReportSection = ReportSection()
+
+
 _FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$")
 _NULLS = ("null", "Null", "NULL", "~", "none", "None")
 # YAML 1.1 (PyYAML) reads these unquoted words as booleans.

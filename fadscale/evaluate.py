@@ -24,13 +24,11 @@ from __future__ import annotations
 import random
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from fadscale import __version__
-from fadscale.config import Section, build_config, save_config, with_settings
+from fadscale.config import EvaluateConfig, build_config, save_config, with_settings
 from fadscale.evaluation.distances import feature_distances, inception_fid, intensity_by_class, reference_distances
 from fadscale.evaluation.inputs import (check_independence, evaluator_outputs, evaluator_selection, load_real_tiles,
                                         load_sample_set, stack_tiles)
@@ -43,66 +41,6 @@ from fadscale.runtime.io import FadscaleError, atomic_output_dir, git_commit
 from fadscale.runtime.logging import log_line
 
 __all__ = ["EvaluateConfig", "evaluate", "evaluate_samples", "report_value", "load_real_tiles", "load_sample_set"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------------
-
-
-class EvalRunSection(Section):
-    out_dir: str = Field("runs/evaluate", description="report folder (written atomically)")
-    seed: int = Field(0, ge=0, description="seeds the SSIM pairs, KID subsets and the utility classifiers")
-    overwrite: bool = Field(False, description="replace an existing report folder")
-
-
-class RealSection(Section):
-    shards: str | None = Field(None, description="real shards; None: those the sampled run was trained on")
-    split: Literal["val", "train"] = "val"
-    subset: Literal["all", "A", "B"] = "all"
-    subset_seed: int = 0
-    max_per_class: int | None = Field(None, ge=2, description="cap the real tiles per class (first by key)")
-
-
-class EvaluatorSection(Section):
-    card: str = Field("runs/expert_b/expert.json", description="the evaluator expert's card (not the alignment expert)")
-    alignment_expert: str | None = Field(None, description="the alignment expert's card; default: the run card's")
-    allow_alignment_expert: bool = Field(False, description="evaluate with the alignment expert anyway (reported)")
-    batch_size: int = Field(64, ge=1)
-
-
-class MetricsSection(Section):
-    ssim_pairs: int = Field(100, ge=1, description="random pairs per class for SSIM diversity")
-    kid_subsets: int = Field(50, ge=1)
-    kid_subset_size: int = Field(1000, ge=2, description="capped by the smaller set")
-    pr_k: int = Field(3, ge=1, description="k of the k-NN manifolds (precision/recall)")
-    per_class: bool = Field(True, description="also per-class Frechet distance, KID, precision/recall")
-    inception_weights: str | None = Field(None, description="local Inception weights for FID (needs torch-fidelity)")
-
-
-class UtilitySection(Section):
-    enabled: bool = Field(True, description="train-on-synthetic, test-on-real classifiers")
-    arch: str = Field("tiny-cnn", description="tiny-cnn, or a timm model name (trained from scratch)")
-    steps: int | None = Field(300, ge=1, description="optimizer steps per classifier, the same for every "
-                              "training set (so a smaller set is not also trained less); None: `epochs` passes")
-    epochs: int = Field(5, ge=1, description="passes over the training set when steps is None")
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    max_real_per_class: int | None = Field(None, ge=1, description="cap the real train tiles per class")
-
-
-class ReportSection(Section):
-    grid: int = Field(8, ge=1, description="real and generated tiles per class in the grids")
-
-
-class EvaluateConfig(Section):
-    run: EvalRunSection = EvalRunSection()
-    samples: str = Field("runs/samples", description="a sample set (or the sample stage folder holding samples/)")
-    real: RealSection = RealSection()
-    evaluator: EvaluatorSection = EvaluatorSection()
-    metrics: MetricsSection = MetricsSection()
-    utility: UtilitySection = UtilitySection()
-    report: ReportSection = ReportSection()
 
 
 # --------------------------------------------------------------------------------------------------

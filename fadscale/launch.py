@@ -361,8 +361,7 @@ def render_sbatch(
 
 def stage_config(stage: str, config: str | Path, overrides: Iterable[str] = ()):
     """The stage's validated config (a one-line FadscaleError names the file or --set at fault)."""
-    from fadscale.config import ExpertConfig, FadConfig, load_config
-    from fadscale.sample import SampleConfig
+    from fadscale.config import ExpertConfig, FadConfig, SampleConfig, load_config
 
     model = {"expert": ExpertConfig, "cache": FadConfig, "train": FadConfig, "sample": SampleConfig}[stage]
     return load_config(model, config, list(overrides))
@@ -373,7 +372,7 @@ def check_inputs(stage: str, config: str | Path, overrides: Iterable[str] = ()) 
     cache, which the cache stage builds (submit that first; a job does not start another stage)."""
     if stage != "train":
         return
-    from fadscale.cache_features import uses_cache
+    from fadscale.config import uses_cache
 
     cfg = stage_config(stage, config, overrides)
     if uses_cache(cfg) and not (Path(cfg.cache.dir) / "manifest.json").is_file():

@@ -99,7 +99,7 @@ def arm_config(plan: Plan, arm: str, extra: list[str] | None = None, *, seed: in
     """The FadConfig of one arm: configs/tiny/fad.yaml, the plan's overrides, then the arm's own; its
     run folder `out/<tag>` (tag defaults to the arm's name) and the cache folder its fingerprint needs
     (`out/cache`, or `out/cache-spatial` when it aligns to spatial maps)."""
-    from fadscale.cache_features import needs_spatial
+    from fadscale.config import needs_spatial
 
     out = plan.out
     extra = plan.arms.get(arm, []) if extra is None else extra
@@ -119,7 +119,7 @@ def arm_config(plan: Plan, arm: str, extra: list[str] | None = None, *, seed: in
 
 def cache_configs(plan: Plan, arms: dict[str, list[str]] | None = None) -> dict[Path, FadConfig]:
     """One config per distinct cache folder the arms read (in first-use order)."""
-    from fadscale.cache_features import needs_spatial, uses_cache
+    from fadscale.config import needs_spatial, uses_cache
 
     wanted: dict[Path, FadConfig] = {}
     for arm, extra in (plan.arms if arms is None else arms).items():
@@ -158,7 +158,8 @@ def stage_names(plan: Plan) -> list[str]:
 def prepare(plan: Plan, clock: StageClock | None = None, arms: dict[str, list[str]] | None = None) -> Prepared:
     """The stages every arm and seed share: shard, alignment expert (A), evaluator (B), and the feature
     cache(s) the arms (`arms`, default the plan's) read."""
-    from fadscale.cache_features import build_cache, needs_spatial
+    from fadscale.cache_features import build_cache
+    from fadscale.config import needs_spatial
     from fadscale.data.shard import shard_dataset
     from fadscale.train_expert import train as train_expert
 

@@ -34,17 +34,15 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field, model_validator
 from safetensors.torch import load_file
 
 from fadscale import __version__
 from fadscale.artifacts import HEAD_FILE, RUN_CARD, SAMPLE_MANIFEST
-from fadscale.config import Section, build_config, save_config, with_settings
+from fadscale.config import SampleConfig, build_config, save_config, with_settings
 from fadscale.runtime.entry import run_entry
 from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_json, git_commit
 from fadscale.runtime.logging import log_line
@@ -60,56 +58,8 @@ DEFAULT_STEPS = {"dpm++": 25, "ddim": 50}
 
 
 # --------------------------------------------------------------------------------------------------
-# Config
+# Config (SampleConfig lives in fadscale.config, with every stage's config: checked before heavy imports)
 # --------------------------------------------------------------------------------------------------
-
-
-class SampleRunSection(Section):
-    out_dir: str = Field("runs/samples", description="folder of this stage; the sample set is <out_dir>/samples")
-    seed: int = Field(0, ge=0, description="base seed: every image's seed derives from it, its class and index")
-    overwrite: bool = Field(False, description="replace an existing sample set (only once the new one is complete)")
-
-
-class SampleModelSection(Section):
-    path: str = Field("runs/fad", description="a FAD/vanilla run folder (holding final/) or its final/ folder")
-    weights: Literal["ema", "raw"] = Field("ema", description="ema: unet_ema (unet when the run has none)")
-
-
-class SamplingSection(Section):
-    scheduler: Literal["dpm++", "ddim", "ddpm"] = Field("dpm++", description="ddpm: the reference (1000 steps)")
-    steps: int | None = Field(None, ge=1, description="None: 25 for dpm++, 50 for ddim, all training steps for ddpm")
-    guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale; 1: off")
-    per_class: int = Field(16, ge=1)
-    batch_size: int = Field(16, ge=1, description="images per UNet batch (the same on any number of ranks)")
-    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on GPU")
-
-
-class FilterSection(Section):
-    enabled: bool = Field(False, description="the reference's mean-intensity rejection filter")
-    low: float = Field(0.02, ge=0, le=1, description="reject tiles whose mean intensity (0..1) is below")
-    high: float = Field(0.98, ge=0, le=1, description="reject tiles whose mean intensity (0..1) is above")
-    max_attempts: int = Field(10, ge=1, description="generations per image; the last is kept even if rejected")
-
-
-class OutputSection(Section):
-    grid: int = Field(64, ge=1, description="images per class in the grids")
-    shards: bool = Field(False, description="also write the tiles as WebDataset shards (png/cls/json)")
-    shard_samples: int = Field(1000, ge=1, description="tiles per shard")
-
-
-class SampleConfig(Section):
-    run: SampleRunSection = SampleRunSection()
-    model: SampleModelSection = SampleModelSection()
-    sample: SamplingSection = SamplingSection()
-    filter: FilterSection = FilterSection()
-    output: OutputSection = OutputSection()
-
-    @model_validator(mode="after")
-    def _filter_range(self) -> "SampleConfig":
-        # Here rather than in FilterSection: a check across keys is reported with its own message.
-        if self.filter.low > self.filter.high:
-            raise ValueError(f"filter.low ({self.filter.low}) must not exceed filter.high ({self.filter.high})")
-        return self
 
 
 def sample_config(model_path: str | Path, out_dir: str | Path, **overrides) -> SampleConfig:

@@ -27,9 +27,9 @@ from torch import nn
 from fadscale import __version__
 from fadscale.artifacts import HEAD_FILE, RUN_CARD
 from fadscale.align import FeatureTap, build_projector, top_direction_share
-from fadscale.cache_features import check_cache, needs_spatial, uses_cache
+from fadscale.cache_features import check_cache
 from fadscale.conditioning import CONDITIONING_FILE, ClassConditioning, load_table
-from fadscale.config import FadConfig
+from fadscale.config import FadConfig, needs_spatial, uses_cache
 from fadscale.data.loader import batches_per_epoch, eval_loader, loader_from_config, split_count
 from fadscale.data.shard import load_manifest
 from fadscale.learning_curve import GenerationProbe

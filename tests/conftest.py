@@ -102,7 +102,8 @@ def fad_config(shards: Path, expert_card: Path, out: Path, cache: Path, **overri
 def train_fad(cfg) -> None:
     """Build the feature cache when the config needs one and it is missing (as `fadscale train` and the
     pipeline do), then train in-process."""
-    from fadscale.cache_features import build_cache, uses_cache
+    from fadscale.cache_features import build_cache
+    from fadscale.config import uses_cache
     from fadscale.train_fad import fad_trainer
 
     if uses_cache(cfg) and not (Path(cfg.cache.dir) / "manifest.json").is_file():

@@ -294,3 +294,19 @@ def test_a_file_system_error_on_a_path_is_one_line_from_every_stage_entry_point(
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: /ro/runs/fad/config.yaml: Read-only file system"
+
+
+@pytest.mark.parametrize("argv", [["train", "--set", "optim.lrr=1"], ["sample", "--set", "sample.nope=1"],
+                                  ["evaluate", "--set", "utility.stepz=3"], ["train-expert", "--set", "train.epoch=3"],
+                                  ["cache-features", "--set", "cache.dirr=x"]])
+def test_the_cli_answers_a_config_typo_before_importing_torch(argv):
+    code = ("import sys\n"
+            "from fadscale.cli import main\n"
+            f"sys.argv = ['fadscale', *{argv!r}]\n"
+            "try:\n"
+            "    main()\n"
+            "except SystemExit as exc:\n"
+            "    print('exit', exc.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "exit 2 False", proc.stdout + proc.stderr
+    assert "unknown key" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
