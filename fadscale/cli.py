@@ -267,6 +267,25 @@ def submit(
     typer.echo(script if dry_run else f"submitted job {job_id} ({script})")
 
 
+config_app = typer.Typer(help="Show a stage's config keys, defaults and descriptions.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(stage: str = typer.Argument(..., help="expert, fad (also vanilla), sample or evaluate.")) -> None:
+    """Print every key of STAGE's config with its default and what it means, as YAML you can edit and pass
+    to --config.
+
+    Example: fadscale config show fad > my-fad.yaml
+    """
+    from fadscale.config import STAGE_CONFIGS, describe_config
+
+    model = STAGE_CONFIGS.get("fad" if stage == "vanilla" else stage)
+    if model is None:
+        _fail(FadscaleError(f"config show {stage!r}: expected one of {', '.join(STAGE_CONFIGS)}"))
+    typer.echo(describe_config(model), nl=False)
+
+
 @app.command("demo")
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for every artifact and the report."),

@@ -645,3 +645,25 @@ def dump_config(config: BaseModel) -> str:
 def save_config(config: BaseModel, path: str | Path) -> None:
     """Every run saves its effective config (after overrides) beside its outputs; `load_config` reads it back."""
     atomic_write_text(path, dump_config(config))
+
+
+STAGE_CONFIGS = {"expert": ExpertConfig, "fad": FadConfig, "sample": SampleConfig, "evaluate": EvaluateConfig}
+
+
+def describe_config(model: type[BaseModel]) -> str:
+    """Every key of a config class with its default and description: a YAML file `load_config` reads."""
+    lines: list[str] = []
+
+    def walk(value: BaseModel, indent: str) -> None:
+        for name, field in type(value).model_fields.items():
+            item = getattr(value, name)
+            if isinstance(item, BaseModel):
+                lines.append(f"{indent}{name}:")
+                walk(item, indent + "  ")
+                continue
+            text = yaml.safe_dump(list(item) if isinstance(item, tuple) else item, default_flow_style=True)
+            text = text.split("\n...")[0].strip()
+            lines.append(f"{indent}{name}: {text}" + (f"  # {field.description}" if field.description else ""))
+
+    walk(model(), "")
+    return "\n".join(lines) + "\n"

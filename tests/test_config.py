@@ -310,3 +310,17 @@ def test_the_cli_answers_a_config_typo_before_importing_torch(argv):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip() == "exit 2 False", proc.stdout + proc.stderr
     assert "unknown key" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("stage", ["expert", "fad", "sample", "evaluate"])
+def test_config_show_prints_every_key_as_yaml_that_loads_back_to_the_defaults(stage, tmp_path):
+    from fadscale.config import STAGE_CONFIGS, load_config
+
+    proc = subprocess.run([sys.executable, "-m", "fadscale.cli", "config", "show", stage], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / f"{stage}.yaml"
+    path.write_text(proc.stdout)
+    model = STAGE_CONFIGS[stage]
+    assert load_config(model, path) == model()
+    assert "# the alignment expert's card" in proc.stdout or stage != "fad"
