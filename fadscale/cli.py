@@ -26,7 +26,7 @@ app = typer.Typer(
     "cache its features, train FAD or the plain fine-tuning baseline, sample, evaluate, and submit to SLURM.\n\n"
     "Start with `fadscale demo`: the whole pipeline on built-in tiles, on a CPU, in minutes.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )

@@ -176,6 +176,7 @@ def evaluate_samples(samples: str | Path, evaluator: str | Path, out_dir: str | 
 
 def run(cfg: EvaluateConfig) -> int:
     evaluate(cfg)
+    print(Path(cfg.run.out_dir) / "report.json", flush=True)  # the one line on stdout: where the report is
     return 0
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from fadscale import __version__
 from fadscale.artifacts import HEAD_FILE, RUN_CARD, SAMPLE_MANIFEST
@@ -364,10 +365,15 @@ def sample_images(cfg: SampleConfig) -> dict:
         start = time.perf_counter()
         records, generations, error = [], 0, None
         try:
-            for batch in work_batches(len(names), cfg.sample.per_class, cfg.sample.batch_size, rank, world):
+            mine_batches = work_batches(len(names), cfg.sample.per_class, cfg.sample.batch_size, rank, world)
+            progress = tqdm(total=sum(len(b) for b in mine_batches), desc="sample", unit="tile", disable=not is_main,
+                            dynamic_ncols=True)  # this rank's tiles (every rank has about as many)
+            for batch in mine_batches:
                 got, made = _generate_batch(sampler, cfg, batch, folder, names)
                 records += got
                 generations += made
+                progress.update(len(batch))
+            progress.close()
         except Exception as exc:  # noqa: BLE001 - reported on every rank below, so none waits forever
             error = f"rank {rank}: {type(exc).__name__}: {exc}"
         elapsed = time.perf_counter() - start
@@ -444,6 +450,8 @@ def read_sample_manifest(folder: str | Path) -> dict:
 
 def run(cfg: SampleConfig) -> int:
     sample_images(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # the one line on stdout: where the sample set is (for scripts)
+        print(Path(cfg.run.out_dir) / SAMPLES_DIR, flush=True)
     return 0
 
 

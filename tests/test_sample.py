@@ -203,6 +203,8 @@ def test_two_ranks_give_byte_identical_tiles(sample_set, tiny_fad_run, tmp_path)
     proc = run_module("fadscale.sample", "--config", str(config), nproc=2, launcher="accelerate")
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two" / "samples"
+    assert proc.stdout.strip() == str(two)  # stdout: the sample set's path, once (rank 0), for scripts
+    assert "sample: 100%" in proc.stderr  # progress
     assert _pngs(two) == _pngs(folder)
     other = json.loads((two / "manifest.json").read_text())
     assert other["world_size"] == 2 and len(other["timing"]["per_rank_s"]) == 2

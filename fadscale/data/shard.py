@@ -319,6 +319,7 @@ def _write_splits(staging: Path, plan, classes: list[dict], *, grayscale: bool, 
                                            "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
                 written.per_class[split][entry["name"]] += 1
                 written.sizes["{}x{}".format(*info["orig_size"])] += 1
+            bar.close()  # zip stops on `order`, before the bar's own last refresh: draw the final count
         written.shards = {split: writer.close() for split, writer in writers.items()}
     except BaseException:  # the staging folder is discarded; close its files now, not in the garbage collector
         for writer in writers.values():
