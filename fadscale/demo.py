@@ -201,6 +201,28 @@ def _verdict(diff: float | None, higher: bool | None) -> str:
     return " (better)" if (diff > 0) == higher else " (worse)"
 
 
+COLLAPSE_WARNING = 0.9  # a target whose top direction holds this share of its variance says little per tile
+
+
+def collapse_note(runs: dict[str, Path]) -> str | None:
+    """The FAD run's collapse diagnostic (run card `alignment_diagnostic`) as one sentence, with a warning
+    when the alignment target has collapsed onto one direction."""
+    card_path = runs.get("fad", Path("-")) / "final" / "run_card.json"
+    if not card_path.is_file():
+        return None
+    diagnostic = json.loads(card_path.read_text()).get("alignment_diagnostic") or {}
+    share, expert = diagnostic.get("target_top_direction_share"), diagnostic.get("expert_top_direction_share")
+    if share is None:
+        return None
+    text = (f"Alignment target collapse check: the top principal direction holds {share:.3f} of the FAD target's "
+            f"variance over {diagnostic.get('tiles')} tiles (the expert's own features: {_fmt(expert)}; 1 means every "
+            f"tile's target points one way).")
+    if share >= COLLAPSE_WARNING:
+        text += (" WARNING: the target has collapsed, so the alignment loss asks almost nothing tile-specific of "
+                 "the UNet; align.center_target=true (or the repa projector) avoids it (README).")
+    return text
+
+
 def write_report(result: dict, out: Path, total_seconds: float, command: str) -> Path:
     reports = result["reports"]
     runs = {arm: out / arm for arm in reports}
@@ -222,6 +244,7 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
     bars = {arm: quality_bar(report) for arm, report in reports.items()}
     timings = result["timings"]
     class_rows = per_class_rows(reports)
+    collapse = collapse_note(runs)
     class_header = ["class", "evaluator on real", "real intensity"] + \
         [f"{arm} {what}" for arm in arms for what in ("gen. accuracy", "intensity gap")]
 
@@ -247,6 +270,7 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
            f"evaluator ({evaluator_card['arch']}, split B): {evaluator_card['val_accuracy']:.3f}.\n",
            "One seed of a demo-sized run shows what the pipeline makes; it is not evidence for or against FAD: "
            "tools/bench_quality.py runs the seeded experiment (README).\n",
+           *([collapse + "\n"] if collapse else []),
            "## Per class\n", "| " + " | ".join(class_header) + " |", "|" + "---|" * len(class_header)]
     md += ["| " + " | ".join(row) + " |" for row in class_rows]
     md += ["\n## Samples (real | " + " | ".join(arms) + ")\n", "![samples](report-samples.png)\n"]
@@ -304,6 +328,7 @@ against real val tiles no model trained on.</p>
 <p>Alignment expert ({html.escape(alignment_card['arch'])}, split A) val accuracy {alignment_card['val_accuracy']:.3f};
 evaluator (split B) {evaluator_card['val_accuracy']:.3f}. One seed of a demo-sized run shows what the pipeline
 makes; it is not evidence for or against FAD (tools/bench_quality.py runs the seeded experiment).</p>
+{f"<p class='{'bad' if 'WARNING' in collapse else ''}'>{html.escape(collapse)}</p>" if collapse else ""}
 <h2>Per class</h2><table>{class_table}</table>
 {curves_html}
 <h2>Loss curves</h2>{img('losses')}

@@ -64,7 +64,8 @@ def test_demo_runs_every_stage_and_writes_the_report(installed, tmp_path):
     assert html.count("data:image/png;base64,") == 4  # self-contained: every plot inlined
     report_md = (out / "report.md").read_text()
     for expected in ("Class-faithful? The bar", "generation accuracy", "Frechet ratio", "intensity gap",
-                     "SSIM diversity", "FAD - vanilla", "| better |", "train fad", "fadscale demo"):
+                     "SSIM diversity", "FAD - vanilla", "| better |", "train fad", "fadscale demo",
+                     "Alignment target collapse check"):
         assert expected in report_md, expected
     fad_report = json.loads((out / "eval-fad/report.json").read_text())
     assert f"{fad_report['generation_accuracy']['overall']:.3f}" in report_md
