@@ -444,14 +444,15 @@ def print_table(result: dict) -> None:
           f"diversity {_num(ref['real_val_diversity'])}; real-only utility {_num(ref['utility_real_only'])}; "
           f"Frechet bar (probe) {setup['frechet_bar']}")
     print()
-    width = 17
     print("per arm: mean +/- std over seeds; target top-dir.: the collapse diagnostic (1: one direction)")
-    print(f"{'arm':<18}" + "".join(f"{labels[k]:>{width}}" for k in keys) + f"{'target top-dir.':>{width}}"
-          + f"{'expert top-dir.':>{width}}")
-    for arm, entry in result["arms"].items():
-        print(f"{arm:<18}" + "".join(f"{_pm(entry[k], _digits(k)):>{width}}" for k in keys)
-              + f"{_pm(entry['target_top_direction_share'], 3):>{width}}"
-              + f"{_pm(entry['expert_top_direction_share'], 3):>{width}}")
+    columns = [(labels[k], {arm: _pm(e[k], _digits(k)) for arm, e in result["arms"].items()}) for k in keys]
+    columns += [(label, {arm: _pm(e[key], 3) for arm, e in result["arms"].items()})
+                for label, key in (("target top-dir.", "target_top_direction_share"),
+                                   ("expert top-dir.", "expert_top_direction_share"))]
+    widths = [max(len(label), *(len(cell) for cell in cells.values())) + 2 for label, cells in columns]
+    print(f"{'arm':<18}" + "".join(f"{label:>{w}}" for (label, _), w in zip(columns, widths)))
+    for arm in result["arms"]:
+        print(f"{arm:<18}" + "".join(f"{cells[arm]:>{w}}" for (_, cells), w in zip(columns, widths)))
     print()
     print("paired arm - vanilla (same seed): mean [95% interval] seeds better/n, and the rule's verdict")
     for arm, diff in result["differences"].items():
