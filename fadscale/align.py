@@ -4,7 +4,8 @@ Two projectors (architecture doc):
 - `seed`: the reference. The expert's pooled feature goes through a trainable Linear(D_expert -> C_unet);
   the UNet feature is average-pooled; loss = 1 - cosine. Because the target is learned it can collapse
   (see `target_similarity`); `center_target` (an option, off for parity) subtracts a running mean of the
-  expert features and drops the Linear's bias, so no constant target exists for it to collapse onto.
+  expert features and drops the Linear's bias, so no constant target exists for it to collapse onto; the
+  Linear can still learn a rank-one map (every target on one line), which `top_direction_share` shows.
 - `repa`: REPA (Yu et al. 2024). A small MLP (1x1 convs) maps the UNet feature at every location to the
   expert's width; loss = 1 - cosine per location against the expert's spatial map resized to the UNet grid.
 """

@@ -160,8 +160,9 @@ class AlignSection(Section):
         "not normalised, expert BatchNorm in train mode)")
     until_step: int | None = Field(None, ge=0, description="alignment stops after this step")
     repa_hidden: int = Field(512, ge=1, description="hidden width of the repa projector MLP")
-    center_target: bool = Field(False, description="seed projector: centre the expert features, no bias, so "
-                                "its learned target cannot collapse to one direction (off: the reference)")
+    center_target: bool = Field(False, description="seed projector: centre the expert features, no bias: no "
+                                "constant target to collapse onto; it can still collapse to rank one (measured, "
+                                "README) (off: the reference)")
 
 
 class FadTrainSection(Section):

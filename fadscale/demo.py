@@ -219,7 +219,8 @@ def collapse_note(runs: dict[str, Path]) -> str | None:
             f"tile's target points one way).")
     if share >= COLLAPSE_WARNING:
         text += (" WARNING: the target has collapsed, so the alignment loss asks almost nothing tile-specific of "
-                 "the UNet; align.center_target=true (or the repa projector) avoids it (README).")
+                 "the UNet. The repa projector (a fixed target: the expert's own map) cannot collapse; "
+                 "align.center_target=true alone does not prevent it (README, \"Does FAD help?\").")
     return text
 
 
