@@ -77,10 +77,12 @@ class StageClock:
         # Scale the remaining expected cost by how fast the finished stages went compared with expectation
         # (damped, so one quick first stage does not promise a quick run).
         damping = 0.2 * total
-        speed = (elapsed + damping) / (done + damping)
-        eta = max(0.0, total - done) * speed
-        log_line(f"[{len(self.timings) + 1}/{len(self.expected)}] {name} "
-                 f"(elapsed {elapsed:.0f} s, ETA ~{eta:.0f} s)")
+        if total > 0:
+            eta = max(0.0, total - done) * (elapsed + damping) / (done + damping)
+            log_line(f"[{len(self.timings) + 1}/{len(self.expected)}] {name} "
+                     f"(elapsed {elapsed:.0f} s, ETA ~{eta:.0f} s)")
+        else:  # no expected costs given: count and elapsed time only
+            log_line(f"[{len(self.timings) + 1}] {name} (elapsed {elapsed:.0f} s)")
         start = time.perf_counter()
         result = fn()
         self.timings[name] = time.perf_counter() - start

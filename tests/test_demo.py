@@ -123,3 +123,14 @@ def test_dependencies_are_ranges_and_the_constraints_pin_what_is_installed():
     for requirement in project["dependencies"] + project["optional-dependencies"]["dev"]:
         name = re.split(r"[<>=]", requirement)[0].lower()
         assert canonical.get(name) == metadata.version(name), (name, canonical.get(name))
+
+
+def test_the_stage_clock_reports_with_and_without_expected_costs(capsys):
+    from fadscale.pipeline import StageClock
+
+    for expected in ({"a": 1.0, "b": 2.0}, {}):
+        clock = StageClock(expected)
+        assert [clock.run(name, lambda: name * 2) for name in ("a", "b")] == ["aa", "bb"]
+        assert set(clock.timings) == {"a", "b"}
+    err = capsys.readouterr().err
+    assert "[2/2] b (elapsed" in err and "ETA" in err and "[2] b (elapsed" in err
