@@ -39,7 +39,7 @@ _CPU_BLOCKS = dict(
 
 # The demo's UNet: attention (self + the token's cross-attention) at the lowest level only (8x8 at 32 px),
 # where it is cheap and gives every pixel a global view; plain resnets above. At 32 px, batch 16, 2 threads
-# it trains at 0.17 s/step fp32, 0.13 s/step bf16 autocast (tools/bench_step.py) and reaches generation
+# it trains at 0.23 s/step fp32, 0.18 s/step bf16 autocast (tools/bench_step.py) and reaches generation
 # accuracy above the evaluator's real-tile accuracy in 800 steps (README, "Class-faithful tiles").
 _CPU_BASE_BLOCKS = dict(
     _CPU_COMMON,
