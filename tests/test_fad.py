@@ -509,3 +509,13 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_intact_one(damage, tiny_s
     full, again = (load_file(str(d / "final/unet_ema/diffusion_pytorch_model.safetensors")) for d in (tmp_path / "full", run))
     for key in full:
         torch.testing.assert_close(again[key], full[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_one_process_can_train_runs_of_different_precision_one_after_another(tiny_shards, tiny_expert, tmp_path):
+    """The pipeline and the benchmarks train several runs in one process (accelerate's state is a singleton)."""
+    for i, (precision, accumulation) in enumerate((("no", 1), ("bf16", 2), ("no", 1))):
+        cfg = fad_config(tiny_shards, tiny_expert, tmp_path / f"run{i}", tmp_path / "cache", align__enabled=False,
+                         train__max_steps=1, train__mixed_precision=precision, train__grad_accum=accumulation)
+        trainer = fad_trainer(cfg)
+        assert (trainer.backend.mixed_precision, trainer.backend.grad_accum) == (precision, accumulation)
+        assert trainer.run() == 0

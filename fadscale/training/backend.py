@@ -165,8 +165,14 @@ class AccelerateBackend(Backend):
 
     def __init__(self, mixed_precision: str = "auto", grad_accum: int = 1, find_unused_parameters: bool = False):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
         from accelerate.utils import DistributedDataParallelKwargs
 
+        # One process may train several runs one after another (the pipeline, the benchmarks), each with
+        # its own precision and accumulation; accelerate keeps those in process-wide singletons that refuse
+        # a change. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         on_gpu = torch.cuda.is_available()
         self.accelerator = Accelerator(mixed_precision=resolve_precision(mixed_precision), cpu=not on_gpu,
                                        gradient_accumulation_steps=grad_accum,
