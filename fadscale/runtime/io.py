@@ -133,7 +133,7 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False, made_by
         raise FadscaleError(f"{final.parent}: output folder is not writable")
     from fadscale.runtime.lock import RunLock
 
-    lock = RunLock(final.parent, f".{final.name}.lock", guards=final).acquire()  # one writer per output
+    lock = RunLock(final.parent, f".{final.name}.lock", guards=final, remove=True).acquire()  # one writer
     if final.exists() and not overwrite:  # another writer finished it while this one started
         lock.release()
         raise FadscaleError(f"{final}: output already exists (pass --overwrite to replace it)")

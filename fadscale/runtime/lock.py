@@ -23,25 +23,37 @@ LOCK_FILE = "run.lock"
 
 
 class RunLock:
-    def __init__(self, run_dir: str | Path, lock_file: str = LOCK_FILE, guards: str | Path | None = None):
-        """A lock on `run_dir / lock_file`, for the folder `guards` (default: `run_dir`), named in messages."""
+    def __init__(self, run_dir: str | Path, lock_file: str = LOCK_FILE, guards: str | Path | None = None,
+                 remove: bool = False):
+        """A lock on `run_dir / lock_file`, for the folder `guards` (default: `run_dir`), named in messages.
+        `remove`: delete the lock file on release (a lock beside an output leaves nothing behind)."""
         self.path = Path(run_dir) / lock_file
         self.guards = Path(guards) if guards is not None else Path(run_dir)
+        self.remove = remove
         self._fd: int | None = None
         self.took_over: dict | None = None  # the stale holder's record, when one was found
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read(fd)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read(fd)
+                os.close(fd)
+                raise FadscaleError(
+                    f"{self.guards}: in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+                    f"(since {holder.get('started', '?')}; lock {self.path}); stop that run first, or choose "
+                    f"another output folder") from None
+            # A holder that removes its lock file on release may have done so between our open and flock:
+            # then this lock is on a file nobody else will open; start again on the current one.
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise FadscaleError(
-                f"{self.guards}: in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (since "
-                f"{holder.get('started', '?')}; lock {self.path}); stop that run first, or choose another output "
-                f"folder") from None
         previous = _read(fd)
         if previous:
             self.took_over = previous
@@ -53,6 +65,8 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            if self.remove:  # removed while still held: no other writer can lock this file meanwhile
+                self.path.unlink(missing_ok=True)
             os.ftruncate(self._fd, 0)  # an empty lock file: released cleanly, nothing stale to report
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
