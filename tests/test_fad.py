@@ -486,13 +486,24 @@ def test_the_cli_forwards_stop_signals_and_its_stage_dies_with_it(tiny_shards, t
     assert second[-1] > first[-1], (first, second)
 
 
+DAMAGE_SETTINGS = dict(train__max_steps=6, checkpoint__every=3, align__enabled=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tiny_shards, tiny_expert, tmp_path_factory) -> Path:
+    """A vanilla run of 6 steps with checkpoints at steps 3 and 6 (the damage cases copy them)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    train_fad(fad_config(tiny_shards, tiny_expert, folder / "full", folder / "cache", **DAMAGE_SETTINGS))
+    return folder / "full"
+
+
 @pytest.mark.parametrize("damage", ["model.safetensors", "optimizer.pt", "ema.safetensors", "rng-0.pt",
                                     "trainer_state.json"])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_intact_one(damage, tiny_shards, tiny_expert, tmp_path, capsys):
-    settings = dict(train__max_steps=6, checkpoint__every=3, align__enabled=False)
-    train_fad(fad_config(tiny_shards, tiny_expert, tmp_path / "full", tmp_path / "cache", **settings))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_intact_one(damage, uninterrupted_run, tiny_shards, tiny_expert,
+                                                                  tmp_path, capsys):
+    settings = DAMAGE_SETTINGS
     run = tmp_path / "run"
-    shutil.copytree(tmp_path / "full/checkpoints", run / "checkpoints")
+    shutil.copytree(uninterrupted_run / "checkpoints", run / "checkpoints")
     target = run / "checkpoints/step-00000006" / damage
     if damage == "trainer_state.json":
         target.unlink()
@@ -506,7 +517,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_intact_one(damage, tiny_s
     assert [r["step"] for r in read_metrics(run)] == [4, 5, 6]
     from safetensors.torch import load_file
 
-    full, again = (load_file(str(d / "final/unet_ema/diffusion_pytorch_model.safetensors")) for d in (tmp_path / "full", run))
+    full, again = (load_file(str(d / "final/unet_ema/diffusion_pytorch_model.safetensors")) for d in (uninterrupted_run, run))
     for key in full:
         torch.testing.assert_close(again[key], full[key], rtol=1e-5, atol=1e-6, msg=key)
 
