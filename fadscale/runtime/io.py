@@ -8,10 +8,12 @@ built under a temporary name and renamed at the end.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -121,37 +123,34 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False, made_by
     holds it (or an empty one), never one fadscale did not make.
     """
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise FadscaleError(f"{final}: output already exists (pass --overwrite to replace it)")
-    if final.exists() and made_by is not None:
-        foreign = not final.is_dir() or (any(final.iterdir()) and not (final / made_by).is_file())
-        if foreign:
-            raise FadscaleError(f"{final}: not replaced: it holds no {made_by}, so fadscale did not make it "
-                                f"(move it away or choose another output)")
     final.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(final.parent, os.W_OK):
         raise FadscaleError(f"{final.parent}: output folder is not writable")
     from fadscale.runtime.lock import RunLock
 
     lock = RunLock(final.parent, f".{final.name}.lock", guards=final, remove=True).acquire()  # one writer
-    if final.exists() and not overwrite:  # another writer finished it while this one started
-        lock.release()
-        raise FadscaleError(f"{final}: output already exists (pass --overwrite to replace it)")
-    _clean_leftovers(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
     try:
-        yield tmp
-        share_tree(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if final.exists() and not overwrite:
+            raise FadscaleError(f"{final}: output already exists (pass --overwrite to replace it)")
+        if final.exists() and made_by is not None and (
+                not final.is_dir() or (any(final.iterdir()) and not (final / made_by).is_file())):
+            raise FadscaleError(f"{final}: not replaced: it holds no {made_by}, so fadscale did not make it "
+                                f"(move it away or choose another output)")
+        _clean_leftovers(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
+        try:
+            yield tmp
+            share_tree(tmp)
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     finally:
         lock.release()
 
@@ -159,10 +158,8 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False, made_by
 def _clean_leftovers(final: Path) -> None:
     """Remove the staging folders of `final` left by writers that died (their pid is in the name and no
     longer runs); report any other."""
-    import sys
-
     prefix = f".{final.name}."
-    for left in final.parent.glob(f"{glob_escape(prefix)}*.partial"):
+    for left in final.parent.glob(f"{glob.escape(prefix)}*.partial"):
         pid = left.name[len(prefix):].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(left, ignore_errors=True)
@@ -170,10 +167,6 @@ def _clean_leftovers(final: Path) -> None:
         else:
             print(f"note: {left} is another writer's staging folder (or an old leftover; remove it if no "
                   f"other run writes {final})", file=sys.stderr)
-
-
-def glob_escape(text: str) -> str:
-    return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in text)
 
 
 def _alive(pid: int) -> bool:
