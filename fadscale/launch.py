@@ -149,8 +149,7 @@ def _q(arg: str | Path) -> str:
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9._,@+-]+$")  # partition (a comma list), account, qos, job name
 _SLURM_CONSTRAINT = re.compile(r"^[A-Za-z0-9._,&|*:!()\[\]-]+$")  # features joined by & | , [] *N
 # sbatch --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or UNLIMITED/INFINITE
-_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
-                         r"|UNLIMITED|INFINITE|unlimited|infinite)$")
+_SLURM_TIME = re.compile(r"^(\d+(-\d+)?(:\d{1,2}){0,2}|UNLIMITED|INFINITE|unlimited|infinite)$")
 
 
 # Directives the template writes itself (from submit's options or the run): not to be passed again.
