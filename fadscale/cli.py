@@ -233,6 +233,25 @@ def evaluate(
     _launch("evaluate", config, overrides, 1, "")
 
 
+@app.command("export")
+def export(
+    run: Path = typer.Argument(..., help="A trained run folder (or its final/ folder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The pipeline folder to write (must not exist unless --overwrite)."),
+    weights: str = typer.Option("ema", help="ema (the EMA weights, what `fadscale sample` uses) or raw."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export (only once the new one is complete)."),
+) -> None:
+    """Write a run as a diffusers pipeline folder: DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True).
+
+    Example: fadscale export demo-out/fad --out exported/fad-demo
+    """
+    from fadscale.export import export_run
+
+    try:
+        typer.echo(export_run(run, out, weights=weights, overwrite=overwrite))
+    except FadscaleError as exc:
+        _fail(exc)
+
+
 @app.command("submit")
 def submit(
     stage: str = typer.Argument(..., help="expert, cache, train or sample."),

@@ -117,3 +117,32 @@ def tiny_fad_run(tiny_shards, tiny_expert, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fad")
     train_fad(fad_config(tiny_shards, tiny_expert, root / "run", root / "cache", train__max_steps=8))
     return root / "run"
+
+
+def make_latent_run(root: Path) -> Path:
+    """A hand-made latent run (classes A and B): a 4-channel UNet on 16x16 latents and a tiny RGB VAE
+    decoding to 32x32 tiles of a 1-channel data set; returns its final/ folder."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from fadscale.models.unet import build_unet
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=32)
+    vae.save_pretrained(root / "vae")
+    final = root / "run" / "final"
+    unet = build_unet("cpu-tiny", 4, 16)
+    unet.save_pretrained(final / "unet")
+    save_file({"conditioning.table": torch.randn(3, 1, unet.config.cross_attention_dim)},
+              str(final / "fad_head.safetensors"))
+    (final / "run_card.json").write_text(json.dumps({
+        "format": "fadscale-fad-run", "step": 1, "method": "vanilla", "classes": ["A", "B"], "space": "latent",
+        "channels": 4, "image_size": 32, "sample_size": 16, "null_index": 2, "vae": str(root / "vae"),
+        "noise": {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"},
+        "config": {"data": {"channels": 1}}}))
+    return final

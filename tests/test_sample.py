@@ -16,7 +16,7 @@ from fadscale.config import load_config
 from fadscale.runtime.io import FadscaleError
 from fadscale.sample import SampleConfig, image_seed, sample_config, sample_images, work_batches
 
-from .conftest import run_module
+from .conftest import make_latent_run, run_module
 
 CLASSES = ["TUMOR", "STROMA", "COMPLEX", "LYMPHO", "DEBRIS", "MUCOSA", "ADIPOSE", "EMPTY"]
 # Cheap and shared by every run below: DDIM 4 steps, batches of 3 that cut across classes.
@@ -163,25 +163,7 @@ def test_config_errors_are_one_line(tmp_path):
 
 def test_latent_space_runs_decode_with_the_vae(tmp_path):
     """A hand-made latent run: a 4-channel UNet on 16x16 latents and a tiny VAE decoding to 32x32."""
-    from diffusers import AutoencoderKL
-    from safetensors.torch import save_file
-
-    from fadscale.models.unet import build_unet
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=32)
-    vae.save_pretrained(tmp_path / "vae")
-    final = tmp_path / "run" / "final"
-    unet = build_unet("cpu-tiny", 4, 16)
-    unet.save_pretrained(final / "unet")
-    save_file({"conditioning.table": torch.randn(3, 1, unet.config.cross_attention_dim)}, str(final / "fad_head.safetensors"))
-    (final / "run_card.json").write_text(json.dumps({
-        "format": "fadscale-fad-run", "step": 1, "method": "vanilla", "classes": ["A", "B"], "space": "latent",
-        "channels": 4, "image_size": 32, "sample_size": 16, "null_index": 2, "vae": str(tmp_path / "vae"),
-        "noise": {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"},
-        "config": {"data": {"channels": 1}}}))
+    final = make_latent_run(tmp_path)
     manifest = sample_images(sample_config(final.parent, tmp_path / "out", sample__per_class=1, **BASE))
     assert manifest["weights"]["used"] == "unet" and manifest["image"] == {"size": 32, "channels": 1, "mode": "L"}
     with Image.open(tmp_path / "out" / "samples" / "images/02_B" / "00000.png") as img:

@@ -1,0 +1,88 @@
+"""`fadscale export`: a trained run as a diffusers pipeline folder that the tools of the field load.
+
+    fadscale export runs/tiny/fad --out exported/fad-tiny
+
+    DIR/
+      model_index.json        the pipeline: fadscale_pipeline.FadscalePipeline, class names, class tokens
+      fadscale_pipeline.py    its code (fadscale/hub_pipeline.py): torch, PIL and diffusers only
+      unet/                   UNet2DConditionModel (safetensors; EMA weights unless --weights raw)
+      scheduler/              DPM-Solver++ with the run's noise schedule (fadscale's default sampler)
+      vae/                    latent-space runs only
+      README.md               how to load it, the classes, where it came from
+
+`DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)` loads it anywhere diffusers runs;
+`fadscale.hub_pipeline.FadscalePipeline.from_pretrained(DIR)` loads it without running the folder's code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_text
+
+PIPELINE_FILE = "fadscale_pipeline.py"
+PIPELINE_CLASS = "FadscalePipeline"
+INDEX = "model_index.json"
+
+
+def export_run(run: str | Path, out: str | Path, weights: str = "ema", overwrite: bool = False) -> Path:
+    """Write the pipeline folder of a trained run (its final/ weights) to `out`; returns `out`."""
+    from fadscale import hub_pipeline
+    from fadscale.hub_pipeline import FadscalePipeline
+    from fadscale.sample import load_run
+    from fadscale.sampling import make_scheduler
+
+    if weights not in ("ema", "raw"):
+        raise FadscaleError(f"--weights {weights!r}: expected ema or raw")
+    loaded = load_run(run, weights)
+    card = loaded.card
+    latent = card["space"] == "latent"
+    image_channels = int(card.get("config", {}).get("data", {}).get("channels", card["channels"])) if latent \
+        else int(card["channels"])
+    pipe = FadscalePipeline(
+        unet=loaded.unet, scheduler=make_scheduler("dpm++", dict(card["noise"]), clip_sample=not latent),
+        vae=loaded.vae, class_names=list(card["classes"]),
+        class_tokens=loaded.table.reshape(loaded.table.shape[0], -1).tolist(),
+        null_index=int(card["null_index"]), image_channels=image_channels,
+        vae_scaling_factor=loaded.vae_scale if latent else None)
+    out = Path(out)
+    with atomic_output_dir(out, overwrite=overwrite, made_by=PIPELINE_FILE) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        # diffusers names the class by its module path; a list [file, class] makes it load the class
+        # from the file beside model_index.json (with trust_remote_code=True).
+        index = json.loads((staging / INDEX).read_text())
+        index["_class_name"] = [Path(PIPELINE_FILE).stem, PIPELINE_CLASS]
+        atomic_write_text(staging / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(staging / PIPELINE_FILE, Path(hub_pipeline.__file__).read_text())
+        atomic_write_text(staging / "README.md", model_card(loaded, out, weights))
+    return out
+
+
+def model_card(loaded, out: Path, weights: str) -> str:
+    card = loaded.card
+    names = card["classes"]
+    size = card["image_size"]
+    return f"""# fadscale {card.get('method', 'run')}: class-conditional histology tiles ({size} px)
+
+Exported by `fadscale export` from `{loaded.final}` (step {card.get('step')}, {loaded.weights} weights{
+' (EMA was asked for; the run has none)' if loaded.fallback else ''}).
+
+Classes, in the index order the UNet was trained with: {', '.join(f'{i} {n}' for i, n in enumerate(names))}.
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{out}", trust_remote_code=True)  # runs fadscale_pipeline.py
+tiles = pipe(["{names[0]}", "{names[-1]}"], generator=torch.Generator().manual_seed(0)).images  # PIL images
+```
+
+`trust_remote_code=True` runs `fadscale_pipeline.py` from this folder (read it first: torch, PIL and
+diffusers only). With fadscale installed, `from fadscale.hub_pipeline import FadscalePipeline;
+FadscalePipeline.from_pretrained("{out}")` loads the same pipeline without running code from the folder.
+
+The default scheduler is fadscale's sampler (DPM-Solver++, 25 steps, the run's noise schedule). One
+generator per tile (`generator=[torch.Generator().manual_seed(s) for s in seeds]`) makes each tile depend
+on its own seed only. `guidance_scale > 1` applies classifier-free guidance against the null class.
+"""
