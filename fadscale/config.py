@@ -172,7 +172,7 @@ class FadTrainSection(Section):
     label_dropout: float = Field(0.0, ge=0, lt=1, description="drop the class for classifier-free guidance")
     ema_decay: float | None = Field(0.999, gt=0, lt=1)
     log_every: int = Field(10, ge=1)
-    sample_every: int | None = Field(None, ge=1, description="log a per-class sample grid every N steps")
+    sample_every: int | None = Field(None, ge=1, description="log a per-class sample grid to TensorBoard every N steps (one at the last step always)")
     nan_tolerance: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
 
 

@@ -145,7 +145,7 @@ def comparison_grid(result: dict, per_row: int = 8) -> bytes:
                                        max_per_class=per_row)}
     for arm in reports:
         columns[arm] = load_sample_set(result["out"] / f"samples-{arm}", classes)[2]
-    fig, axes = plt.subplots(len(classes), len(columns), figsize=(4.6 * len(columns), 0.62 * len(classes) + 0.6),
+    fig, axes = plt.subplots(len(classes), len(columns), figsize=(6.4 * len(columns), 0.86 * len(classes) + 0.6),
                              squeeze=False)
     for row, name in enumerate(classes):
         for col, (label, tiles) in enumerate(columns.items()):
@@ -159,6 +159,32 @@ def comparison_grid(result: dict, per_row: int = 8) -> bytes:
                 ax.set_title(label)
             if col == 0:
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def generated_confusion(reports: dict) -> bytes:
+    """The evaluator's confusion on each arm's generated tiles, rows normalised: row = the class asked for,
+    column = what the evaluator saw; the diagonal is each class's generation accuracy."""
+    plt = _pyplot()
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(5.2 * len(reports), 4.6), squeeze=False)
+    for ax, (arm, report) in zip(axes[0], reports.items()):
+        classes = report["classes"]
+        counts = np.asarray(report["generation_accuracy"]["confusion"], dtype=float)
+        shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                if counts[i, j]:
+                    ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if shares[i, j] > 0.6 else "black")
+        ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set_xlabel("evaluator's class")
+        ax.set_ylabel("class asked for")
+        ax.set_title(f"{arm}: generation accuracy {report['generation_accuracy']['overall']:.3f}")
     fig.tight_layout()
     return _png(fig)
 
@@ -233,6 +259,7 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
     images = {
         "samples": comparison_grid(result),
         "losses": loss_curves(runs),
+        "generated-confusion": generated_confusion(reports),
         "confusion": (Path(result["alignment_expert"]).parent / "confusion.png").read_bytes(),
     }
     curves = learning_curves(runs, real_accuracy)
@@ -277,7 +304,9 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
     md += ["\n## Samples (real | " + " | ".join(arms) + ")\n", "![samples](report-samples.png)\n"]
     if "curves" in images:
         md += ["## Learning curves (generation scored during training)\n", "![curves](report-curves.png)\n"]
-    md += ["## Loss curves\n", "![losses](report-losses.png)\n",
+    md += ["## Evaluator on generated tiles: confusion (row: class asked for)\n",
+           "![generated confusion](report-generated-confusion.png)\n",
+           "## Loss curves\n", "![losses](report-losses.png)\n",
            "## Alignment expert: confusion matrix (val, split A)\n", "![confusion](report-confusion.png)\n",
            "## Timings\n", "| stage | seconds |", "|---|---|"]
     md += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
@@ -332,6 +361,8 @@ makes; it is not evidence for or against FAD (tools/bench_quality.py runs the se
 {f"<p class='{'bad' if 'WARNING' in collapse else ''}'>{html.escape(collapse)}</p>" if collapse else ""}
 <h2>Per class</h2><table>{class_table}</table>
 {curves_html}
+<h2>Evaluator on generated tiles: confusion (row: the class asked for; diagonal: generation accuracy)</h2>
+{img('generated-confusion')}
 <h2>Loss curves</h2>{img('losses')}
 <h2>Alignment expert: confusion matrix</h2>{img('confusion')}
 <h2>Timings</h2><table><tr><th>stage</th><th>seconds</th></tr>{timing_rows}</table>

@@ -244,7 +244,8 @@ class FadTask:
 
     def after_step(self, view: LoopView) -> bool:
         cfg, step = self.cfg, view.step
-        if cfg.train.sample_every and step % cfg.train.sample_every == 0:
+        # A grid at the last step whatever sample_every says: every run's TensorBoard shows what it makes.
+        if (cfg.train.sample_every and step % cfg.train.sample_every == 0) or step == cfg.train.max_steps:
             self._log_grid(view)
         if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
             self._evaluate(view)

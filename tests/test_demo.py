@@ -48,7 +48,8 @@ def test_demo_runs_every_stage_and_writes_the_report(installed, tmp_path):
                      "fad/final/run_card.json", "fad/final/unet_ema/config.json",
                      "samples-vanilla/samples/manifest.json", "samples-fad/samples/manifest.json",
                      "eval-vanilla/report.json", "eval-fad/report.json", "report.md", "report.html",
-                     "report-samples.png", "report-losses.png", "report-confusion.png", "report-curves.png"):
+                     "report-samples.png", "report-losses.png", "report-confusion.png", "report-curves.png",
+                     "report-generated-confusion.png"):
         assert (out / artifact).is_file(), artifact
     a, b = (json.loads((out / f"expert-{s}/expert.json").read_text()) for s in "AB")
     assert (a["data"]["subset"], b["data"]["subset"]) == ("A", "B")
@@ -61,11 +62,11 @@ def test_demo_runs_every_stage_and_writes_the_report(installed, tmp_path):
     assert [p["step"] for p in points] == [3, 6]
     assert all(0 <= p["eval/generation_accuracy"] <= 1 and p["eval/frechet"] > 0 for p in points)
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4  # self-contained: every plot inlined
+    assert html.count("data:image/png;base64,") == 5  # self-contained: every plot inlined
     report_md = (out / "report.md").read_text()
     for expected in ("Class-faithful? The bar", "generation accuracy", "Frechet ratio", "intensity gap",
                      "SSIM diversity", "FAD - vanilla", "| better |", "train fad", "fadscale demo",
-                     "Alignment target collapse check"):
+                     "Alignment target collapse check", "Evaluator on generated tiles: confusion"):
         assert expected in report_md, expected
     fad_report = json.loads((out / "eval-fad/report.json").read_text())
     assert f"{fad_report['generation_accuracy']['overall']:.3f}" in report_md

@@ -193,3 +193,22 @@ def test_two_ranks_give_byte_identical_tiles(sample_set, tiny_fad_run, tmp_path)
     assert other["images"] == manifest["images"]
     for shard in other["shards"] and json.loads((two / "shards" / "manifest.json").read_text())["splits"]["train"]["shards"]:
         assert (two / "shards" / shard["name"]).read_bytes() == (folder / "shards" / shard["name"]).read_bytes()
+
+
+def test_every_run_logs_a_sample_grid_and_its_settings_to_tensorboard(tiny_fad_run):
+    """TensorBoard shows what a run makes without asking (a per-class grid at the last step), and the
+    hparams view pairs the settings with the run's scores."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = sorted((tiny_fad_run / "tensorboard").rglob("events.out.tfevents.*"))
+    tags = {}
+    for path in runs:
+        events = EventAccumulator(str(path), size_guidance={"images": 0}).Reload()
+        for kind, names in events.Tags().items():
+            if isinstance(names, list):
+                tags.setdefault(kind, set()).update(names)
+        if "samples/per_class" in events.Tags()["images"]:
+            grid_image = events.Images("samples/per_class")[-1]
+    assert "samples/per_class" in tags.get("images", set())
+    assert grid_image.step == 8 and grid_image.height == 8 * 32  # one row per class, 32 px tiles
+    assert "hparam/final_noise_loss" in tags.get("scalars", set())
