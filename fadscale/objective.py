@@ -28,14 +28,20 @@ class Noised:
 
 
 def add_noise(scheduler, clean: torch.Tensor, generator: torch.Generator, *, label_dropout: float = 0.0,
-              prediction_type: str = "epsilon") -> Noised:
+              prediction_type: str = "epsilon", input_perturbation: float = 0.0) -> Noised:
     """Noise a batch of clean tiles (or latents) at uniformly drawn timesteps with a diffusers DDPM
-    scheduler; all random draws come from `generator` (on the CPU, then moved to the batch's device)."""
+    scheduler; all random draws come from `generator` (on the CPU, then moved to the batch's device).
+
+    `input_perturbation` > 0 noises the input with noise + p * fresh noise while the target keeps the
+    plain noise: the UNet learns to correct inputs that are slightly off, as its own samples are."""
     device, batch = clean.device, clean.shape[0]
     noise = torch.randn(clean.shape, generator=generator).to(device)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
     drop = (torch.rand(batch, generator=generator) < label_dropout).to(device)
-    noisy = scheduler.add_noise(clean, noise, timesteps)
+    noised_with = noise
+    if input_perturbation:
+        noised_with = noise + input_perturbation * torch.randn(clean.shape, generator=generator).to(device)
+    noisy = scheduler.add_noise(clean, noised_with, timesteps)
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(clean, noise, timesteps)
     return Noised(noisy, timesteps, target, drop)
 

@@ -324,3 +324,19 @@ def test_config_show_prints_every_key_as_yaml_that_loads_back_to_the_defaults(st
     model = STAGE_CONFIGS[stage]
     assert load_config(model, path) == model()
     assert "# the alignment expert's card" in proc.stdout or stage != "fad"
+
+
+def test_every_command_has_short_help_and_the_cli_prints_shell_completion():
+    from typer.testing import CliRunner
+
+    from fadscale.cli import app
+
+    runner = CliRunner()
+    top = runner.invoke(app, ["-h"])
+    assert top.exit_code == 0
+    for command in ("shard-data", "train-expert", "cache-features", "train", "sample", "evaluate", "export",
+                    "submit", "config", "demo"):
+        assert command in top.output
+        assert runner.invoke(app, [command, "-h"]).exit_code == 0, command
+    completion = runner.invoke(app, ["--show-completion", "bash"])
+    assert completion.exit_code == 0 and "complete" in completion.output and "fadscale" in completion.output.lower()

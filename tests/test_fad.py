@@ -348,6 +348,13 @@ def test_objective_targets_and_min_snr_weights():
     torch.testing.assert_close(min_snr_weights(scheduler.alphas_cumprod, t, 5.0, "epsilon"), snr.clamp(max=5) / snr)
     torch.testing.assert_close(min_snr_weights(scheduler.alphas_cumprod, t, 5.0, "v_prediction"),
                                snr.clamp(max=5) / (snr + 1))
+    # Input perturbation moves the input only: the same timesteps and target, an input noised with more.
+    perturbed = add_noise(scheduler, clean, torch.Generator().manual_seed(0), prediction_type="v_prediction",
+                          input_perturbation=0.1)
+    torch.testing.assert_close(perturbed.target, v.target)
+    assert torch.equal(perturbed.timesteps, v.timesteps)
+    extra = (perturbed.noisy - v.noisy) / (1 - alpha).sqrt()  # 0.1 x fresh unit noise
+    assert 0.05 < extra.std().item() < 0.2
     weights = torch.tensor([0.0, 1.0, 0.0, 0.0])
     assert noise_loss(eps.target, torch.zeros_like(eps.target), weights) == pytest.approx(
         eps.target[1].pow(2).mean().item() / 4, rel=1e-5)
