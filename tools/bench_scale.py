@@ -15,7 +15,8 @@ The model, per step:
   gradients and weights on the wire).
 - DDP buckets: the parameters in reverse order (the order backward produces their gradients), cut into
   buckets of 25 MiB (bucket_cap_mb), the first capped at 1 MiB (torch's first-bucket size, so communication
-  starts early); a parameter larger than the cap is a bucket alone. ZeRO-2 buckets: reduce_bucket_size
+  starts early); a parameter larger than the cap is a bucket alone. (torch 2.14's DDP starts with one bucket
+  and its reducer rebuilds them this way after the first iteration, in the order the gradients came.) ZeRO-2 buckets: reduce_bucket_size
   and allgather_bucket_size elements (5e7 in the project's zero2.json).
 - Collectives on a ring of n ranks, bus bandwidth bw, latency alpha per ring step:
   all-reduce 2(n-1) alpha + 2(n-1)/n x bytes / bw; reduce-scatter and all-gather (n-1) alpha +
@@ -53,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import sys
@@ -288,8 +290,8 @@ def _step_worker(rank: int, world: int, port: int, spec: dict, out: str) -> None
               **{f"{k}_s": statistics.median(v) for k, v in parts.items()},
               "params": sum(p.numel() for p in model.parameters()),
               "param_bytes": [p.numel() * p.element_size() for p in model.parameters()]}
-    if spec["ddp"]:
-        result["ddp_bucket_sizes"] = wrapped._get_ddp_logging_data().get("bucket_sizes")
+    if spec["ddp"]:  # the construction-time assignment: one bucket; the reducer rebuilds it after iteration 1
+        result["ddp_initial_bucket_sizes"] = wrapped._get_ddp_logging_data().get("bucket_sizes")
     Path(f"{out}.{rank}.json").write_text(json.dumps(result))
     _shutdown(world if spec["ddp"] else 1)
 
@@ -317,12 +319,31 @@ def gloo_sweep(sizes: list[int]) -> dict[int, float]:
         return {int(k): v for k, v in json.loads(out.read_text()).items()}
 
 
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (all processes, also other users'), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def step_run(spec: dict, world: int, ddp: bool) -> list[dict]:
-    """One arm of the check: `world` processes (DDP over gloo, or independent ones side by side)."""
+    """One arm of the check: `world` processes (DDP over gloo, or independent ones side by side). Each rank's
+    result also carries the machine's other load during the arm (CPUs busy outside these processes)."""
+    own = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy, start = busy_cpu_s(), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "step")
         spawn(_step_worker, world, (free_port(), {**spec, "ddp": ddp}, out))
-        return [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(world)]
+        results = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(world)]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    children = (after.ru_utime - own.ru_utime) + (after.ru_stime - own.ru_stime)
+    other = max(0.0, (busy_cpu_s() - busy - children) / (time.perf_counter() - start))
+    for r in results:
+        r["other_load_cpus"] = other
+    return results
 
 
 # ------------------------------------------------------------------------------------- report
@@ -400,7 +421,7 @@ def check(args) -> dict:
                "one_forward_s": pooled("one", "forward_s"), "one_backward_s": backward,
                "one_optimizer_s": pooled("one", "optimizer_s"), "grad_bytes": sum(param_bytes),
                "model_buckets": buckets(param_bytes, DDP_BUCKET_BYTES, DDP_FIRST_BUCKET_BYTES),
-               "ddp_bucket_sizes": arms["two-ddp"][0][0].get("ddp_bucket_sizes"),
+               "ddp_initial_bucket_sizes": arms["two-ddp"][0][0].get("ddp_initial_bucket_sizes"),
                "predicted_comm_s": pred["comm_s"], "predicted_exposed_s": pred["exposed_s"],
                "predicted_efficiency": pred["efficiency"], "predicted_efficiency_no_overlap": pred_no["efficiency"],
                "predicted_efficiency_with_sharing": one / pred_shared["step_s"],
@@ -408,22 +429,24 @@ def check(args) -> dict:
                "measured_comm_efficiency": alone2 / ddp2,
                "per_round_efficiency": [statistics.median(arms["one"][k][0]["times"]) /
                                         statistics.median([t for r in run for t in r["times"]])
-                                        for k, run in enumerate(arms["two-ddp"])]}
+                                        for k, run in enumerate(arms["two-ddp"])],
+               "other_load_cpus_max": max(run[0]["other_load_cpus"] for runs in arms.values() for run in runs)}
         checks.append(row)
     print(f"\nCheck: cpu-base UNet step, 32 px, bf16 autocast, batch per process as listed, 1 thread per process, "
           f"median of {args.check_reps} steps x {args.check_rounds} interleaved rounds")
     print(f"{'batch':>5s} {'1 proc s':>9s} {'2 indep s':>9s} {'2 DDP s':>9s} | {'pred eff':>8s} {'no-ovl':>7s} "
-          f"{'pred+share':>10s} | {'meas eff':>8s} {'sharing':>7s} {'comm':>6s}  per-round eff")
+          f"{'pred+share':>10s} | {'meas eff':>8s} {'sharing':>7s} {'comm':>6s}  per-round eff  other load")
     for r in checks:
         print(f"{r['batch']:5d} {r['one_s']:9.3f} {r['two_independent_s']:9.3f} {r['two_ddp_s']:9.3f} | "
               f"{r['predicted_efficiency']:8.3f} {r['predicted_efficiency_no_overlap']:7.3f} "
               f"{r['predicted_efficiency_with_sharing']:10.3f} | {r['measured_efficiency']:8.3f} "
               f"{r['measured_sharing_efficiency']:7.3f} {r['measured_comm_efficiency']:6.3f}  "
-              f"{' '.join(f'{e:.2f}' for e in r['per_round_efficiency'])}")
+              f"{' '.join(f'{e:.2f}' for e in r['per_round_efficiency']):13s}  {r['other_load_cpus_max']:.2f}")
     print("  pred eff: the model (1-process step + exposed all-reduce from the gloo fit); no-ovl: every bucket after "
           "backward;\n  pred+share: the model on the 2-independent-process step (the cores shared, no communication);"
           "\n  meas eff = 1 proc / 2 DDP; sharing = 1 proc / 2 independent; comm = 2 independent / 2 DDP "
-          "(what the model predicts).")
+          "(what the model predicts);\n  other load: the most CPUs busy outside the benchmark during any arm "
+          "(a neighbour's burst shows here).")
     return {"gloo": {"sizes": sweep, "latency_s": latency_s, "bandwidth_Bps": bandwidth}, "checks": checks}
 
 
