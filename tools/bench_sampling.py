@@ -29,11 +29,12 @@ import os
 import resource
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from fadscale.runtime.distributed import busy_cpu_seconds  # noqa: E402
 
 CLASSES = 8
 
@@ -48,14 +49,6 @@ def build(preset: str, size: int, seed: int = 0):
     return unet, table
 
 
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy (all processes, also other users'), from /proc/stat."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_s() -> float:
@@ -73,11 +66,11 @@ def sample_call(unet, table, batch: int, scheduler: str, steps: int, size: int) 
 
     sched = make_scheduler(scheduler, noise_config(NoiseSection()))
     labels = torch.arange(batch) % CLASSES
-    busy, own, start = busy_cpu_s(), own_cpu_s(), time.perf_counter()
+    busy, own, start = busy_cpu_seconds(), own_cpu_s(), time.perf_counter()
     generate(unet, table, labels, list(range(batch)), scheduler=sched, steps=steps, null_index=CLASSES,
              image_size=size, channels=1, device=torch.device("cpu"))
     wall = time.perf_counter() - start
-    LOADS.append(max(0.0, (busy_cpu_s() - busy - (own_cpu_s() - own)) / wall))
+    LOADS.append(max(0.0, (busy_cpu_seconds() - busy - (own_cpu_s() - own)) / wall))
     return wall
 
 

@@ -66,6 +66,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from fadscale.runtime.distributed import busy_cpu_seconds  # noqa: E402
+
 MIB = 2**20
 DDP_BUCKET_BYTES = 25 * MIB  # DistributedDataParallel(bucket_cap_mb=25)
 DDP_FIRST_BUCKET_BYTES = 1 * MIB  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
@@ -319,28 +321,20 @@ def gloo_sweep(sizes: list[int]) -> dict[int, float]:
         return {int(k): v for k, v in json.loads(out.read_text()).items()}
 
 
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy (all processes, also other users'), from /proc/stat."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def step_run(spec: dict, world: int, ddp: bool) -> list[dict]:
     """One arm of the check: `world` processes (DDP over gloo, or independent ones side by side). Each rank's
     result also carries the machine's other load during the arm (CPUs busy outside these processes)."""
     own = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy, start = busy_cpu_s(), time.perf_counter()
+    busy, start = busy_cpu_seconds(), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "step")
         spawn(_step_worker, world, (free_port(), {**spec, "ddp": ddp}, out))
         results = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(world)]
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     children = (after.ru_utime - own.ru_utime) + (after.ru_stime - own.ru_stime)
-    other = max(0.0, (busy_cpu_s() - busy - children) / (time.perf_counter() - start))
+    other = max(0.0, (busy_cpu_seconds() - busy - children) / (time.perf_counter() - start))
     for r in results:
         r["other_load_cpus"] = other
     return results

@@ -66,6 +66,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
+from fadscale.runtime.distributed import busy_cpu_seconds  # noqa: E402
+
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 ARMS = {"vanilla": {"align": {"enabled": False}},
         "fad": {"align": {"enabled": True, "target": "cached"}},
@@ -196,14 +198,6 @@ def measure(spec: dict) -> dict:
     return result
 
 
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy (all processes, also other users'), from /proc/stat."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def run_arm(spec: dict) -> dict:
@@ -211,7 +205,7 @@ def run_arm(spec: dict) -> dict:
     machine's other load while it ran (CPUs busy outside this child): on a shared machine a neighbour's burst
     can slow a 2-thread step 5-30x, and this says which arms it hit."""
     own = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy, start = busy_cpu_s(), time.perf_counter()
+    busy, start = busy_cpu_seconds(), time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}  # OpenMP's pool matches torch's threads
     repo = str(Path(__file__).resolve().parents[1])  # this checkout's fadscale, also when not installed
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -224,7 +218,7 @@ def run_arm(spec: dict) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     child_cpu = (after.ru_utime - own.ru_utime) + (after.ru_stime - own.ru_stime)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["other_load_cpus"] = max(0.0, (busy_cpu_s() - busy - child_cpu) / wall)
+    result["other_load_cpus"] = max(0.0, (busy_cpu_seconds() - busy - child_cpu) / wall)
     return result
 
 

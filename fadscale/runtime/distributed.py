@@ -53,6 +53,19 @@ def cpu_threads(env: Mapping[str, str] | None = None) -> int:
     return max(1, available // max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (every process, other users' too), from /proc/stat (NaN
+    elsewhere). Benchmarks subtract their own share to record how much other load their timings ran beside."""
+    from pathlib import Path
+
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def set_cpu_threads(count: int | None = None) -> int:
     """Set torch's intra-op threads (explicitly, as every entry point and benchmark should); returns it."""
     count = count or cpu_threads()
