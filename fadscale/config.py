@@ -147,6 +147,8 @@ class NoiseSection(Section):
     min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting; None: off")
     timestep_spacing: Literal["trailing", "leading", "linspace"] = Field(
         "trailing", description="samplers' timestep spacing; trailing starts from the last training step (pure noise)")
+    timestep_power: float = Field(1.0, gt=0, description="training timesteps drawn as T u^p: 1 uniform; > 1 more "
+                                  "low-noise steps (fine detail), < 1 more high-noise steps (layout)")
     input_perturbation: float = Field(0.0, ge=0, description="extra noise on the UNet's input only (not in its "
                                       "target), against the train/sample mismatch (exposure bias; Ning et al. 2023)")
 

@@ -28,7 +28,8 @@ class Noised:
 
 
 def add_noise(scheduler, clean: torch.Tensor, generator: torch.Generator, *, label_dropout: float = 0.0,
-              prediction_type: str = "epsilon", input_perturbation: float = 0.0) -> Noised:
+              prediction_type: str = "epsilon", input_perturbation: float = 0.0,
+              timestep_power: float = 1.0) -> Noised:
     """Noise a batch of clean tiles (or latents) at uniformly drawn timesteps with a diffusers DDPM
     scheduler; all random draws come from `generator` (on the CPU, then moved to the batch's device).
 
@@ -36,7 +37,12 @@ def add_noise(scheduler, clean: torch.Tensor, generator: torch.Generator, *, lab
     plain noise: the UNet learns to correct inputs that are slightly off, as its own samples are."""
     device, batch = clean.device, clean.shape[0]
     noise = torch.randn(clean.shape, generator=generator).to(device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
+    steps = scheduler.config.num_train_timesteps
+    if timestep_power == 1.0:
+        timesteps = torch.randint(0, steps, (batch,), generator=generator).to(device)
+    else:  # t = T u^p: p > 1 puts more of the batch at low noise, where fine structure is learned
+        u = torch.rand(batch, generator=generator)
+        timesteps = (steps * u.pow(timestep_power)).long().clamp(max=steps - 1).to(device)
     drop = (torch.rand(batch, generator=generator) < label_dropout).to(device)
     noised_with = noise
     if input_perturbation:

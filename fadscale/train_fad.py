@@ -197,7 +197,8 @@ class FadTask:
         labels = batch["label"].to(device)
         clean = self._clean(batch, gen)
         noised = add_noise(self.noise, clean, gen, label_dropout=cfg.train.label_dropout,
-                           prediction_type=cfg.noise.prediction_type, input_perturbation=cfg.noise.input_perturbation)
+                           prediction_type=cfg.noise.prediction_type, input_perturbation=cfg.noise.input_perturbation,
+                           timestep_power=cfg.noise.timestep_power)
         noisy = noised.noisy.to(self.input_dtype)
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)

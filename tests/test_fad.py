@@ -355,6 +355,12 @@ def test_objective_targets_and_min_snr_weights():
     assert torch.equal(perturbed.timesteps, v.timesteps)
     extra = (perturbed.noisy - v.noisy) / (1 - alpha).sqrt()  # 0.1 x fresh unit noise
     assert 0.05 < extra.std().item() < 0.2
+    # timestep_power p draws t = T u^p: p = 2 puts the median at T / 4 (uniform: T / 2); p = 1 is the plain draw.
+    big = torch.zeros(4096, 1, 1, 1)
+    skewed = add_noise(scheduler, big, torch.Generator().manual_seed(1), timestep_power=2.0).timesteps.float()
+    plain = add_noise(scheduler, big, torch.Generator().manual_seed(1), timestep_power=1.0).timesteps.float()
+    assert 200 < skewed.median() < 300 and 450 < plain.median() < 550
+    assert skewed.min() >= 0 and skewed.max() <= 999
     weights = torch.tensor([0.0, 1.0, 0.0, 0.0])
     assert noise_loss(eps.target, torch.zeros_like(eps.target), weights) == pytest.approx(
         eps.target[1].pow(2).mean().item() / 4, rel=1e-5)
