@@ -153,8 +153,14 @@ class FadscalePipeline(DiffusionPipeline):
             if guided:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(out, t, latents, generator=generator if not isinstance(generator, list)
-                                          else None).prev_sample
+            if isinstance(generator, list) and isinstance(self.scheduler, diffusers.DDPMScheduler):
+                # DDPM draws fresh noise each step: from each tile's own generator, so a tile still
+                # depends on its generator alone (multistep solvers keep state across the batch: one call).
+                latents = torch.cat([self.scheduler.step(out[i:i + 1], t, latents[i:i + 1], generator=g).prev_sample
+                                     for i, g in enumerate(generator)])
+            else:
+                latents = self.scheduler.step(out, t, latents, generator=None if isinstance(generator, list)
+                                              else generator).prev_sample
         if output_type == "latent":
             images = latents
         else:

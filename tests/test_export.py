@@ -88,6 +88,14 @@ def test_without_trust_remote_code_diffusers_refuses_and_fadscale_loads_it_witho
     guided = pipe([0, "EMPTY"], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np",
                   guidance_scale=3.0)
     assert not np.array_equal(plain.images, guided.images)  # guidance reaches the UNet
+    # Any diffusers scheduler from the config; with DDPM's step noise a tile still depends on its generator only.
+    from diffusers import DDPMScheduler
+
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pair = pipe(["TUMOR", "EMPTY"], num_inference_steps=4, output_type="np",
+                generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).images
+    alone = pipe(["EMPTY"], num_inference_steps=4, output_type="np", generator=[torch.Generator().manual_seed(2)]).images
+    assert np.array_equal(pair[1], alone[0])
 
 
 def test_export_refuses_to_overwrite_and_names_a_missing_run(exported, tiny_fad_run, tmp_path):
