@@ -22,8 +22,8 @@ from fadscale.runtime.logging import read_metrics
 
 # Seconds per stage measured on a 2-core CPU (for the ETA only).
 EXPECTED_SECONDS = {"shard": 5, "expert A (alignment)": 20, "expert B (evaluator)": 20, "feature cache": 5,
-                    "train vanilla": 130, "sample vanilla": 35, "evaluate vanilla": 20,
-                    "train fad": 140, "sample fad": 35, "evaluate fad": 20}
+                    "train vanilla": 210, "sample vanilla": 35, "evaluate vanilla": 20,
+                    "train fad": 215, "sample fad": 35, "evaluate fad": 20}
 # The demo's sampler and learning-curve cadence (README, "Class-faithful tiles", for what they buy).
 SAMPLER = {"sample__scheduler": "dpm++", "sample__steps": 25}
 EVAL_EVERY = 100
