@@ -30,7 +30,7 @@ def export_run(run: str | Path, out: str | Path, weights: str = "ema", overwrite
     """Write the pipeline folder of a trained run (its final/ weights) to `out`; returns `out`."""
     from fadscale import hub_pipeline
     from fadscale.hub_pipeline import FadscalePipeline
-    from fadscale.sample import load_run
+    from fadscale.sample import image_channels, load_run
     from fadscale.sampling import make_scheduler
 
     if weights not in ("ema", "raw"):
@@ -38,13 +38,11 @@ def export_run(run: str | Path, out: str | Path, weights: str = "ema", overwrite
     loaded = load_run(run, weights)
     card = loaded.card
     latent = card["space"] == "latent"
-    image_channels = int(card.get("config", {}).get("data", {}).get("channels", card["channels"])) if latent \
-        else int(card["channels"])
     pipe = FadscalePipeline(
         unet=loaded.unet, scheduler=make_scheduler("dpm++", dict(card["noise"]), clip_sample=not latent),
         vae=loaded.vae, class_names=list(card["classes"]),
         class_tokens=loaded.table.reshape(loaded.table.shape[0], -1).tolist(),
-        null_index=int(card["null_index"]), image_channels=image_channels,
+        null_index=int(card["null_index"]), image_channels=image_channels(card),
         vae_scaling_factor=loaded.vae_scale if latent else None)
     out = Path(out)
     with atomic_output_dir(out, overwrite=overwrite, made_by=PIPELINE_FILE) as staging:

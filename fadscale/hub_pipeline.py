@@ -98,9 +98,10 @@ class FadscalePipeline(DiffusionPipeline):
         return [lookup[n.upper()] for n in names]
 
     def _label_tensor(self, class_labels) -> torch.Tensor:
-        items = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
         if isinstance(class_labels, torch.Tensor):
             items = class_labels.reshape(-1).tolist()
+        else:
+            items = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels]
         ids = []
         for item in items:
             if isinstance(item, str):

@@ -30,8 +30,10 @@ class Noised:
 def add_noise(scheduler, clean: torch.Tensor, generator: torch.Generator, *, label_dropout: float = 0.0,
               prediction_type: str = "epsilon", input_perturbation: float = 0.0,
               timestep_power: float = 1.0) -> Noised:
-    """Noise a batch of clean tiles (or latents) at uniformly drawn timesteps with a diffusers DDPM
-    scheduler; all random draws come from `generator` (on the CPU, then moved to the batch's device).
+    """Noise a batch of clean tiles (or latents) at drawn timesteps with a diffusers DDPM scheduler; all
+    random draws come from `generator` (on the CPU, then moved to the batch's device).
+
+    `timestep_power` p draws t = T u^p for uniform u (p = 1: the plain uniform draw, bit for bit as before).
 
     `input_perturbation` > 0 noises the input with noise + p * fresh noise while the target keeps the
     plain noise: the UNet learns to correct inputs that are slightly off, as its own samples are."""

@@ -85,6 +85,13 @@ def resolve_final(path: str | Path) -> Path:
     raise FadscaleError(f"model.path {path}: no final/{RUN_CARD.filename} (has training finished?)")
 
 
+def image_channels(card: dict) -> int:
+    """The channels of the tiles a run makes: its data's (a latent run's UNet works in the VAE's channels)."""
+    if card["space"] != "latent":
+        return int(card["channels"])
+    return int(card.get("config", {}).get("data", {}).get("channels", card["channels"]))
+
+
 @dataclass
 class LoadedRun:
     final: Path
@@ -189,8 +196,7 @@ class Sampler:
         self.cfg, self.run, self.device, self.dtype = cfg, loaded, device, dtype
         card = loaded.card
         self.latent = card["space"] == "latent"
-        self.out_channels = int(card.get("config", {}).get("data", {}).get("channels", card["channels"])) \
-            if self.latent else int(card["channels"])
+        self.out_channels = image_channels(card)
         name = cfg.sample.scheduler
         self.steps = cfg.sample.steps or DEFAULT_STEPS.get(name, int(card["noise"]["num_train_timesteps"]))
         # Latents are not images: neither the scheduler nor the loop may clip them to [-1, 1].

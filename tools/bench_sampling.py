@@ -26,15 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fadscale.runtime.distributed import busy_cpu_seconds  # noqa: E402
+from fadscale.runtime.distributed import OtherLoad  # noqa: E402
 
 CLASSES = 8
 
@@ -51,11 +49,6 @@ def build(preset: str, size: int, seed: int = 0):
 
 
 
-def own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 LOADS: list[float] = []  # other load (CPUs busy outside this process) during each timed call
 
 
@@ -66,12 +59,11 @@ def sample_call(unet, table, batch: int, scheduler: str, steps: int, size: int) 
 
     sched = make_scheduler(scheduler, noise_config(NoiseSection()))
     labels = torch.arange(batch) % CLASSES
-    busy, own, start = busy_cpu_seconds(), own_cpu_s(), time.perf_counter()
-    generate(unet, table, labels, list(range(batch)), scheduler=sched, steps=steps, null_index=CLASSES,
-             image_size=size, channels=1, device=torch.device("cpu"))
-    wall = time.perf_counter() - start
-    LOADS.append(max(0.0, (busy_cpu_seconds() - busy - (own_cpu_s() - own)) / wall))
-    return wall
+    with OtherLoad() as load:
+        generate(unet, table, labels, list(range(batch)), scheduler=sched, steps=steps, null_index=CLASSES,
+                 image_size=size, channels=1, device=torch.device("cpu"))
+    LOADS.append(load.cpus)
+    return load.wall
 
 
 def main() -> None:

@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import sys
@@ -66,7 +65,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fadscale.runtime.distributed import busy_cpu_seconds  # noqa: E402
+from fadscale.runtime.distributed import OtherLoad  # noqa: E402
 
 MIB = 2**20
 DDP_BUCKET_BYTES = 25 * MIB  # DistributedDataParallel(bucket_cap_mb=25)
@@ -326,17 +325,12 @@ def gloo_sweep(sizes: list[int]) -> dict[int, float]:
 def step_run(spec: dict, world: int, ddp: bool) -> list[dict]:
     """One arm of the check: `world` processes (DDP over gloo, or independent ones side by side). Each rank's
     result also carries the machine's other load during the arm (CPUs busy outside these processes)."""
-    own = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy, start = busy_cpu_seconds(), time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, OtherLoad(children=True) as load:
         out = str(Path(tmp) / "step")
         spawn(_step_worker, world, (free_port(), {**spec, "ddp": ddp}, out))
         results = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(world)]
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    children = (after.ru_utime - own.ru_utime) + (after.ru_stime - own.ru_stime)
-    other = max(0.0, (busy_cpu_seconds() - busy - children) / (time.perf_counter() - start))
     for r in results:
-        r["other_load_cpus"] = other
+        r["other_load_cpus"] = load.cpus
     return results
 
 

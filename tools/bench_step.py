@@ -66,7 +66,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from fadscale.runtime.distributed import busy_cpu_seconds  # noqa: E402
+from fadscale.runtime.distributed import OtherLoad  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 ARMS = {"vanilla": {"align": {"enabled": False}},
@@ -204,21 +204,17 @@ def run_arm(spec: dict) -> dict:
     """`measure(spec)` in a child process (clean peak memory, its own thread count). Also records the
     machine's other load while it ran (CPUs busy outside this child): on a shared machine a neighbour's burst
     can slow a 2-thread step 5-30x, and this says which arms it hit."""
-    own = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy, start = busy_cpu_seconds(), time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}  # OpenMP's pool matches torch's threads
     repo = str(Path(__file__).resolve().parents[1])  # this checkout's fadscale, also when not installed
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                          env=env)
+    with OtherLoad(children=True) as load:
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
+                              text=True, env=env)
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"arm {spec['arm']} failed")
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    child_cpu = (after.ru_utime - own.ru_utime) + (after.ru_stime - own.ru_stime)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["other_load_cpus"] = max(0.0, (busy_cpu_seconds() - busy - child_cpu) / wall)
+    result["other_load_cpus"] = load.cpus
     return result
 
 
