@@ -1,7 +1,7 @@
 """The experiment: does the feature-alignment loss make better tiles than plain training, once plain
 training makes class-faithful ones?
 
-    python tools/bench_quality.py --threads 2           # preset cpu: the demo's regime, 5 arms x 3 seeds (~1 h, 2 cores)
+    python tools/bench_quality.py --threads 2           # preset cpu: the demo's regime, 5 arms x 3 seeds (~1.5 h, 2 cores)
     python tools/bench_quality.py --quick               # smoke test: 1 seed, few steps (minutes)
     python tools/bench_quality.py --preset gpu          # tiny-sd at 64 px, the same table (one GPU)
     python tools/bench_quality.py --preset real         # the 127 real Kather tiles of ../shared/data (sanity check)
@@ -10,7 +10,7 @@ Design (fadscale.pipeline): the tiles are sharded once (80/20 train/val, stratif
 expert is trained on subset A of the train split, the evaluator on the disjoint subset B (as in the
 demo); the feature caches come from the alignment expert. Then for each seed, each arm trains with
 `run.seed=seed` and the same recipe (configs/tiny/fad.yaml, the demo's: cpu-base UNet, class embedding,
-v-prediction, 800 steps x 16, bf16), scores learning-curve points every `eval_every` steps, is sampled
+v-prediction, low-noise timestep draw, its 1,200 steps x 16, bf16), scores learning-curve points every `eval_every` steps, is sampled
 with the same sampler and per-image seeds, and scored by the split-B evaluator against the real val tiles.
 
 Arms (the FAD ones differ from vanilla only by the alignment settings):
@@ -98,9 +98,9 @@ ARMS = {
 
 PRESETS = {
     # The demo's regime (fadscale demo): 512 procedural 32 px tiles (408 train / 104 val), the recipe of
-    # configs/tiny/fad.yaml as it is. The alignment expert at 128 px for a 4x4 map (repa); the evaluator
+    # configs/tiny/fad.yaml as it is (steps None: its train.max_steps). The alignment expert at 128 px for a 4x4 map (repa); the evaluator
     # is the demo's (32 px).
-    "cpu": dict(source="procedural:per_class=64,size=32,seed=0", image_size=32, seeds=[0, 1, 2], steps=800,
+    "cpu": dict(source="procedural:per_class=64,size=32,seed=0", image_size=32, seeds=[0, 1, 2], steps=None,
                 batch=16, per_class=32, eval_every=100, frechet_bar=40.0,
                 alignment_expert=["data.image_size=128", "model.input_size=128", "data.batch_size=32"],
                 expert=[], fad=[], sampler=("dpm++", 25), sampler_row_per_class=8, ddpm_steps=1000,
@@ -115,7 +115,7 @@ PRESETS = {
                 sampler=("dpm++", 25), sampler_row_per_class=16, ddpm_steps=1000, eval_batch=256, sample_batch=256),
     # The 127 real tiles (centre-cropped square, 32 px), one seed: does every arm run on real files; far
     # too few tiles to judge anything.
-    "real": dict(source=str(REAL_DATA), image_size=32, seeds=[0], steps=800, batch=16, per_class=8, eval_every=200,
+    "real": dict(source=str(REAL_DATA), image_size=32, seeds=[0], steps=None, batch=16, per_class=8, eval_every=200,
                  frechet_bar=40.0, alignment_expert=["data.image_size=128", "model.input_size=128", "data.batch_size=16"],
                  expert=["train.epochs=20", "data.batch_size=16"], fad=[], sampler=("dpm++", 25),
                  sampler_row_per_class=4, ddpm_steps=1000, eval_batch=64, sample_batch=64),
@@ -284,7 +284,8 @@ def row_samplers(preset: dict) -> list[tuple[str, str, int]]:
 
 
 def run_bench(args) -> dict:
-    from fadscale.pipeline import StageClock, evaluate_run, prepare, run_arm, sample_run
+    from fadscale.config import FadConfig
+    from fadscale.pipeline import StageClock, evaluate_run, prepare, run_arm, sample_run, tiny_config
 
     preset = dict(PRESETS[args.preset])
     if args.quick:
@@ -297,6 +298,8 @@ def run_bench(args) -> dict:
             preset[key] = getattr(args, key)
     if args.seeds is not None:
         preset["seeds"] = list(range(args.seeds))
+    if preset["steps"] is None:  # the recipe's own length, so the bench and the demo cannot drift apart
+        preset["steps"] = tiny_config(FadConfig, "fad.yaml", []).train.max_steps
     if args.preset == "real" and not REAL_DATA.is_dir():
         raise SystemExit(f"preset real: {REAL_DATA} not found (the real tiles live in ../shared/data)")
     out = Path(args.out or REPO / "runs" / f"bench-quality-{args.preset}{'-quick' if args.quick else ''}")
