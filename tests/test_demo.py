@@ -68,6 +68,7 @@ def test_demo_runs_every_stage_and_writes_the_report(installed, tmp_path):
                      "SSIM diversity", "FAD - vanilla", "| better |", "train fad", "fadscale demo",
                      "Alignment target collapse check", "Evaluator on generated tiles: confusion"):
         assert expected in report_md, expected
+    assert "steps (6 at batch 8), UNet (cpu-tiny)" in report_md and "steps (6 at batch 8), UNet (cpu-tiny)" in html
     fad_report = json.loads((out / "eval-fad/report.json").read_text())
     assert f"{fad_report['generation_accuracy']['overall']:.3f}" in report_md
     reference = fad_report["distances"]["reference"]
@@ -135,3 +136,22 @@ def test_the_stage_clock_reports_with_and_without_expected_costs(capsys):
         assert set(clock.timings) == {"a", "b"}
     err = capsys.readouterr().err
     assert "[2/2] b (elapsed" in err and "ETA" in err and "[2] b (elapsed" in err
+
+
+def test_steps_sets_each_arms_training_length_and_keeps_a_dozen_curve_points(tmp_path):
+    from fadscale.demo import EVAL_EVERY, demo_plan, run_demo
+    from fadscale.pipeline import arm_config
+    from fadscale.runtime.io import FadscaleError
+
+    default = demo_plan(tmp_path / "out")
+    recipe = arm_config(default, "vanilla").train.max_steps
+    assert default.eval_every == EVAL_EVERY and recipe // EVAL_EVERY == 12
+    for quick in (False, True):
+        plan = demo_plan(tmp_path / "out", quick=quick, steps=3600)
+        for arm in plan.arms:
+            cfg = arm_config(plan, arm)
+            assert cfg.train.max_steps == 3600 and cfg.checkpoint.every == 1200
+        assert plan.eval_every == (1800 if quick else 300)
+    with pytest.raises(FadscaleError, match="--steps 0"):
+        run_demo(tmp_path / "out", steps=0)
+    assert not (tmp_path / "out").exists()
