@@ -312,8 +312,8 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing demo folder."),
     quick: bool = typer.Option(False, "--quick", help="The smallest setting: every stage in a minute or two."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps per arm (default: the "
-                                        "recipe's 1,200); more bring the tiles closer to real ones, in "
-                                        "proportionally more time (README, 'Longer training')."),
+                                        "recipe's 1,200), in proportionally more time; README, "
+                                        "'Longer training', has what 4,800 measured."),
 ) -> None:
     """Run the whole pipeline on built-in tiles with CPU-sized models and write report.html.
 
