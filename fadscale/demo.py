@@ -16,8 +16,7 @@ import torch
 
 from fadscale import __version__
 from fadscale.evaluate import report_value
-from fadscale.config import FadConfig
-from fadscale.pipeline import Plan, run_pipeline, stage_names, tiny_config
+from fadscale.pipeline import Plan, recipe_steps, run_pipeline, stage_names
 from fadscale.runtime.io import FadscaleError, atomic_write_bytes, atomic_write_text
 from fadscale.runtime.logging import read_metrics
 
@@ -425,8 +424,7 @@ def run_demo(out: str | Path, data: str | None = None, overwrite: bool = False, 
     plan = demo_plan(out, data, quick, steps)
     expected = {name: EXPECTED_SECONDS.get(name, 10) for name in stage_names(plan)}
     if steps is not None:  # training time grows with the steps (the default recipe's count is what was timed)
-        default_steps = tiny_config(FadConfig, "fad.yaml", []).train.max_steps
-        expected.update({name: cost * steps / default_steps for name, cost in expected.items()
+        expected.update({name: cost * steps / recipe_steps() for name, cost in expected.items()
                          if name.startswith("train ")})
     started = time.perf_counter()
     result = run_pipeline(plan, expected)

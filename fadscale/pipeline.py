@@ -31,6 +31,11 @@ def tiny_config(model, name: str, overrides: list[str]):
     return load_config(model, path, overrides)
 
 
+def recipe_steps() -> int:
+    """Training steps of configs/tiny's recipe (what the demo trains and bench_quality's cpu preset runs)."""
+    return tiny_config(FadConfig, "fad.yaml", []).train.max_steps
+
+
 @dataclass
 class Plan:
     """What one pipeline run does; every path lives under `out`."""

@@ -10,8 +10,8 @@ Design (fadscale.pipeline): the tiles are sharded once (80/20 train/val, stratif
 expert is trained on subset A of the train split, the evaluator on the disjoint subset B (as in the
 demo); the feature caches come from the alignment expert. Then for each seed, each arm trains with
 `run.seed=seed` and the same recipe (configs/tiny/fad.yaml, the demo's: cpu-base UNet, class embedding,
-v-prediction, low-noise timestep draw, its 1,200 steps x 16, bf16), scores learning-curve points every `eval_every` steps, is sampled
-with the same sampler and per-image seeds, and scored by the split-B evaluator against the real val tiles.
+v-prediction, low-noise timestep draw, its 1,200 steps x 16, bf16), scores learning-curve points every
+`eval_every` steps, is sampled with the same sampler and per-image seeds, and scored by the split-B evaluator against the real val tiles.
 
 Arms (the FAD ones differ from vanilla only by the alignment settings):
 - vanilla: align.enabled false.
@@ -98,8 +98,8 @@ ARMS = {
 
 PRESETS = {
     # The demo's regime (fadscale demo): 512 procedural 32 px tiles (408 train / 104 val), the recipe of
-    # configs/tiny/fad.yaml as it is (steps None: its train.max_steps). The alignment expert at 128 px for a 4x4 map (repa); the evaluator
-    # is the demo's (32 px).
+    # configs/tiny/fad.yaml as it is (steps None: its train.max_steps). The alignment expert at 128 px for
+    # a 4x4 map (repa); the evaluator is the demo's (32 px).
     "cpu": dict(source="procedural:per_class=64,size=32,seed=0", image_size=32, seeds=[0, 1, 2], steps=None,
                 batch=16, per_class=32, eval_every=100, frechet_bar=40.0,
                 alignment_expert=["data.image_size=128", "model.input_size=128", "data.batch_size=32"],
@@ -284,8 +284,7 @@ def row_samplers(preset: dict) -> list[tuple[str, str, int]]:
 
 
 def run_bench(args) -> dict:
-    from fadscale.config import FadConfig
-    from fadscale.pipeline import StageClock, evaluate_run, prepare, run_arm, sample_run, tiny_config
+    from fadscale.pipeline import StageClock, evaluate_run, prepare, recipe_steps, run_arm, sample_run
 
     preset = dict(PRESETS[args.preset])
     if args.quick:
@@ -299,7 +298,7 @@ def run_bench(args) -> dict:
     if args.seeds is not None:
         preset["seeds"] = list(range(args.seeds))
     if preset["steps"] is None:  # the recipe's own length, so the bench and the demo cannot drift apart
-        preset["steps"] = tiny_config(FadConfig, "fad.yaml", []).train.max_steps
+        preset["steps"] = recipe_steps()
     if args.preset == "real" and not REAL_DATA.is_dir():
         raise SystemExit(f"preset real: {REAL_DATA} not found (the real tiles live in ../shared/data)")
     out = Path(args.out or REPO / "runs" / f"bench-quality-{args.preset}{'-quick' if args.quick else ''}")
