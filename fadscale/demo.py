@@ -199,15 +199,18 @@ def metrics_rows(reports: dict) -> list[tuple[str, float | None, float | None, f
 
 
 def per_class_rows(reports: dict) -> list[list[str]]:
-    """class | real intensity | per arm: generation accuracy, intensity gap."""
+    """class | evaluator on real | real intensity | real orientation | per arm: generation accuracy, intensity
+    gap, orientation."""
     first = next(iter(reports.values()))
     rows = []
     for name in first["classes"]:
         real = report_value(first, ("intensity", "per_class", name, "real"))
-        row = [name, _fmt(report_value(first, ("real_accuracy", "per_class", name))), _fmt(real)]
+        row = [name, _fmt(report_value(first, ("real_accuracy", "per_class", name))), _fmt(real),
+               _fmt(report_value(first, ("orientation", "per_class", name, "real")))]
         for report in reports.values():
             row += [_fmt(report_value(report, ("generation_accuracy", "per_class", name))),
-                    _fmt(report_value(report, ("intensity", "per_class", name, "gap")))]
+                    _fmt(report_value(report, ("intensity", "per_class", name, "gap"))),
+                    _fmt(report_value(report, ("orientation", "per_class", name, "generated")))]
         rows.append(row)
     return rows
 
@@ -226,6 +229,10 @@ def _verdict(diff: float | None, higher: bool | None) -> str:
         return ""
     return " (better)" if (diff > 0) == higher else " (worse)"
 
+
+ORIENTATION_NOTE = ("Orientation: how strongly a tile's edges run one way (0..1: 1 all parallel, near 0 "
+                    "isotropic; mean over tiles). A generated value far below the real one means the oriented fine "
+                    "structure (stroma's fibres) is missing, whatever the accuracy says.")
 
 COLLAPSE_WARNING = 0.9  # a target whose top direction holds this share of its variance says little per tile
 
@@ -273,8 +280,8 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
     timings = result["timings"]
     class_rows = per_class_rows(reports)
     collapse = collapse_note(runs)
-    class_header = ["class", "evaluator on real", "real intensity"] + \
-        [f"{arm} {what}" for arm in arms for what in ("gen. accuracy", "intensity gap")]
+    class_header = ["class", "evaluator on real", "real intensity", "real orientation"] + \
+        [f"{arm} {what}" for arm in arms for what in ("gen. accuracy", "intensity gap", "orientation")]
 
     def bar_cell(arm: str, i: int) -> str:
         _, value, _, passed = bars[arm][i]
@@ -301,7 +308,8 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
            "One seed of a demo-sized run shows what the pipeline makes; it is not evidence for or against FAD: "
            "tools/bench_quality.py runs the seeded experiment (README).\n",
            *([collapse + "\n"] if collapse else []),
-           "## Per class\n", "| " + " | ".join(class_header) + " |", "|" + "---|" * len(class_header)]
+           "## Per class\n", ORIENTATION_NOTE + "\n",
+           "| " + " | ".join(class_header) + " |", "|" + "---|" * len(class_header)]
     md += ["| " + " | ".join(row) + " |" for row in class_rows]
     md += ["\n## Samples (real | " + " | ".join(arms) + ")\n", "![samples](report-samples.png)\n"]
     if "curves" in images:
@@ -362,7 +370,7 @@ against real val tiles no model trained on.</p>
 evaluator (split B) {evaluator_card['val_accuracy']:.3f}. One seed of a demo-sized run shows what the pipeline
 makes; it is not evidence for or against FAD (tools/bench_quality.py runs the seeded experiment).</p>
 {f"<p class='{'bad' if 'WARNING' in collapse else ''}'>{html.escape(collapse)}</p>" if collapse else ""}
-<h2>Per class</h2><table>{class_table}</table>
+<h2>Per class</h2><p>{html.escape(ORIENTATION_NOTE)}</p><table>{class_table}</table>
 {curves_html}
 <h2>Evaluator on generated tiles: confusion (row: the class asked for; diagonal: generation accuracy)</h2>
 {img('generated-confusion')}

@@ -29,7 +29,8 @@ import torch
 
 from fadscale import __version__
 from fadscale.config import EvaluateConfig, build_config, save_config, with_settings
-from fadscale.evaluation.distances import feature_distances, inception_fid, intensity_by_class, reference_distances
+from fadscale.evaluation.distances import (feature_distances, inception_fid, intensity_by_class, orientation_by_class,
+                                           reference_distances)
 from fadscale.evaluation.inputs import (check_independence, evaluator_outputs, evaluator_selection, load_real_tiles,
                                         load_sample_set, stack_tiles)
 from fadscale.evaluation.report import fmt, json_safe, mean_of, report_value, write_outputs
@@ -106,6 +107,7 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
     distances["frechet_ratio"] = distances["overall"]["frechet"] / ref_frechet \
         if ref_frechet and distances["overall"]["frechet"] is not None else None
     intensity = intensity_by_class(generated, real, shards, classes, size, channels)
+    orientation = orientation_by_class(generated, real, classes)
     if m.per_class:
         distances["per_class"] = {name: feature_distances(gen_feat[gen_y == i], real_feat[real_y == i], m, cfg.run.seed + i)
                                   for i, name in enumerate(classes)}
@@ -147,6 +149,7 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
                       "pairs_per_class": m.ssim_pairs, "per_class": diversity, "mean": mean_div},
         "distances": distances,
         "intensity": intensity,
+        "orientation": orientation,
         "inception_fid": inception_fid(m.inception_weights, gen_x, real_x),
         "utility": utility,
         "warnings": warnings,

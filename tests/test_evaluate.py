@@ -53,13 +53,18 @@ def test_evaluator_on_real_val_tiles_gives_its_card_accuracy(real_as_samples, ti
     assert overall["precision"] == 1.0 and overall["recall"] == 1.0
     for name, entry in report["diversity"]["per_class"].items():
         assert entry["generated"] == pytest.approx(entry["real"], abs=1e-12), name
+    # Orientation coherence: equal on the same tiles, and it tells stroma's fibres from lymphocytes' dots.
+    orientation = report["orientation"]["per_class"]
+    for name, entry in orientation.items():
+        assert entry["generated"] == pytest.approx(entry["real"], abs=1e-12) and entry["gap"] == pytest.approx(0), name
+    assert orientation["STROMA"]["real"] > 2 * orientation["LYMPHO"]["real"]
     assert report["inception_fid"]["computed"] is False
     assert report["utility"]["computed"] is False
     assert any("alignment expert is unknown" in w for w in report["warnings"])
     # The report folder.
     assert json.loads((out / "report.json").read_text())["generation_accuracy"]["overall"] == acc["overall"]
     markdown = (out / "report.md").read_text()
-    assert "| generation accuracy" in markdown and "| TUMOR |" in markdown
+    assert "| generation accuracy" in markdown and "| TUMOR |" in markdown and "| orientation gen. |" in markdown
     assert (out / "confusion.png").is_file() and (out / "config.yaml").is_file()
     for name in card["classes"]:
         with Image.open(out / "grids" / f"{name}.png") as grid:

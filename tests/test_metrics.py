@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fadscale.metrics import (accuracy_from_confusion, confusion_matrix, frechet_distance, frechet_from_stats,
-                              gaussian_stats, kernel_distance, precision_recall, random_pairs, ssim_diversity)
+                              gaussian_stats, kernel_distance, orientation_coherence, precision_recall, random_pairs,
+                              ssim_diversity)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -110,3 +111,19 @@ def test_confusion_and_accuracy():
     assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
     acc = accuracy_from_confusion(confusion, ["a", "b", "c"])
     assert acc["overall"] == pytest.approx(0.6) and acc["per_class"] == {"a": 0.5, "b": 1.0, "c": 0.0}
+
+
+def test_orientation_coherence_is_high_for_parallel_stripes_at_any_angle_and_low_for_noise():
+    y, x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    for angle in (0.0, 0.4, 1.1, 2.0):
+        along = x * math.cos(angle) + y * math.sin(angle)
+        stripes = (127.5 + 100 * torch.sin(along * 2 * math.pi / 4)).round().to(torch.uint8)
+        assert orientation_coherence(stripes[None, None]) > 0.9, angle
+    noise = torch.randint(0, 256, (16, 1, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert orientation_coherence(noise) < 0.15
+    # Crossed stripes have edges in two directions: no single orientation.
+    crossed = torch.sin(x * 2 * math.pi / 4) + torch.sin(y * 2 * math.pi / 4)
+    assert orientation_coherence(crossed[None, None]) < 0.05
+    # A flat tile has no edges: 0, not a division by zero; uint8 and float in [0, 1] agree.
+    assert orientation_coherence(torch.full((2, 3, 8, 8), 7, dtype=torch.uint8)) == 0.0
+    assert orientation_coherence(noise.float() / 255) == pytest.approx(orientation_coherence(noise), abs=1e-9)

@@ -1,6 +1,6 @@
 """Distances between generated and real tiles in the evaluator's feature space (Frechet, KID, precision and
 recall), the same for real train tiles as the reference a perfect generator would score, per-class mean
-intensity, and Inception FID when local weights are given."""
+intensity and orientation coherence, and Inception FID when local weights are given."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fadscale.evaluation.inputs import evaluator_outputs, load_real_tiles, stack_tiles
-from fadscale.metrics import frechet_distance, kernel_distance, precision_recall
+from fadscale.metrics import frechet_distance, kernel_distance, orientation_coherence, precision_recall
 from fadscale.runtime.io import FadscaleError
 
 if TYPE_CHECKING:
@@ -57,6 +57,20 @@ def intensity_by_class(generated: dict[str, torch.Tensor], real_val: dict[str, t
                            "gap": gen - real, "real_tiles": len(real_all)}
     return {"what": "mean pixel intensity (0..1); real: all real tiles of the class (train + val)",
             "per_class": per_class, "max_abs_gap": max(abs(v["gap"]) for v in per_class.values())}
+
+
+def orientation_by_class(generated: dict[str, torch.Tensor], real_val: dict[str, torch.Tensor],
+                         classes: list[str]) -> dict:
+    """Orientation coherence (0..1, metrics.orientation_coherence) per class of the generated and the real
+    val tiles: oriented structure such as stroma's fibres, which accuracy and distances do not see."""
+    per_class = {}
+    for name in classes:
+        gen = orientation_coherence(generated[name]) if len(generated[name]) else None
+        real = orientation_coherence(real_val[name]) if len(real_val[name]) else None
+        per_class[name] = {"generated": gen, "real": real,
+                           "gap": gen - real if gen is not None and real is not None else None}
+    return {"what": "orientation coherence of the gradient structure tensor (1: all edges one way, ~0: "
+                    "isotropic); real: the real val tiles", "per_class": per_class}
 
 
 def inception_fid(weights: str | None, generated: torch.Tensor, real: torch.Tensor) -> dict:

@@ -101,20 +101,22 @@ def markdown_report(report: dict) -> str:
     rows.append(("Inception FID", fid["fid"] if fid.get("computed") else f"not computed: {fid['reason']}"))
     lines += [f"| {k} | {fmt(v, 4)} |" for k, v in rows]
     intensity = (report.get("intensity") or {}).get("per_class") or {}
+    orientation = (report.get("orientation") or {}).get("per_class") or {}
     lines += ["", "## Per class", "",
               "| class | gen. accuracy | real accuracy | intensity gen. | intensity real | gap | diversity gen. | "
-              "diversity real | Frechet | KID | precision | recall |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "diversity real | orientation gen. | orientation real | Frechet | KID | precision | recall |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     per_dist = report["distances"].get("per_class") or {}
     for name in classes:
         d = per_dist.get(name, {})
-        level = intensity.get(name, {})
+        level, oriented = intensity.get(name, {}), orientation.get(name, {})
         lines.append("| " + " | ".join([name, fmt(report["generation_accuracy"]["per_class"][name]),
                                          fmt(report["real_accuracy"]["per_class"][name]),
                                          fmt(level.get("generated")), fmt(level.get("real")),
                                          fmt(level.get("gap")),
                                          fmt(report["diversity"]["per_class"][name]["generated"]),
                                          fmt(report["diversity"]["per_class"][name]["real"]),
+                                         fmt(oriented.get("generated"), 2), fmt(oriented.get("real"), 2),
                                          fmt(d.get("frechet"), 2), fmt(d.get("kid"), 4),
                                          fmt(d.get("precision"), 2), fmt(d.get("recall"), 2)]) + " |")
     lines += ["", "## Utility (train on X, test on real)", ""]
