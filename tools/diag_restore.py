@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from fadscale.evaluation.inputs import load_real_tiles  # noqa: E402
 from fadscale.metrics import orientation_coherence  # noqa: E402
+from fadscale.models.unet import uses_class_labels  # noqa: E402
 from fadscale.sample import load_run  # noqa: E402
 from fadscale.sampling import make_scheduler, to_uint8  # noqa: E402
 
@@ -39,7 +40,7 @@ def restore(loaded, clean: torch.Tensor, labels: torch.Tensor, start: int, seed:
     t0 = torch.full((len(clean),), start, dtype=torch.long)
     x = scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), t0)
     tokens = loaded.table[labels]
-    class_labels = labels if getattr(loaded.unet, "class_embedding", None) is not None else None
+    class_labels = labels if uses_class_labels(loaded.unet) else None
     for t in scheduler.timesteps[scheduler.timesteps <= start]:
         out = loaded.unet(x, t, tokens, class_labels=class_labels).sample.float()
         x = scheduler.step(out, t, x, generator=generator).prev_sample
