@@ -89,7 +89,8 @@ class ExpertModelSection(Section):
 class ExpertTrainSection(Section):
     epochs: int = Field(10, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on GPU")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="auto: bf16 on a GPU or a CPU with native bf16 (AVX512-BF16, AMX), else fp32")
     early_stopping: int | None = Field(None, ge=1, description="stop after N epochs without improvement")
     log_every: int = Field(10, ge=1)
 
@@ -172,7 +173,8 @@ class AlignSection(Section):
 class FadTrainSection(Section):
     max_steps: int = Field(1000, ge=1)
     grad_accum: int = Field(1, ge=1)
-    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on GPU")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="auto: bf16 on a GPU or a CPU with native bf16 (AVX512-BF16, AMX), else fp32")
     label_dropout: float = Field(0.0, ge=0, lt=1, description="drop the class for classifier-free guidance")
     ema_decay: float | None = Field(0.999, gt=0, lt=1)
     log_every: int = Field(10, ge=1)

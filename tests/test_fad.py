@@ -535,6 +535,32 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_intact_one(damage, uninte
         torch.testing.assert_close(again[key], full[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_auto_precision_takes_bf16_only_where_the_hardware_has_it(tiny_shards, tiny_expert, tmp_path, monkeypatch,
+                                                                     capsys):
+    """mixed_precision auto: bf16 on a CPU with native bf16, fp32 on one that would emulate it (12x slower on an
+    AVX2 EPYC); an explicit bf16 on such a CPU is kept but warned about."""
+    from fadscale.training import backend
+
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else None
+    if flags is not None and not torch.cuda.is_available():  # the probe agrees with what the kernel reports
+        assert backend.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(backend, "cpu_has_native_bf16", lambda native=native: native)
+        assert backend.resolve_precision("auto", cpu) == expected
+        assert backend.resolve_precision("no", cpu) == "no" and backend.resolve_precision("bf16", cpu) == "bf16"
+    if torch.cuda.is_available():  # the trainer would take the GPU
+        return
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", align__enabled=False,
+                     train__max_steps=1, train__mixed_precision="auto")
+    assert fad_trainer(cfg).backend.mixed_precision == "no"  # cpu_has_native_bf16 is False (patched)
+    capsys.readouterr()
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run2", tmp_path / "cache", align__enabled=False,
+                     train__max_steps=1, train__mixed_precision="bf16")
+    assert fad_trainer(cfg).backend.mixed_precision == "bf16"
+    assert "bf16 on a CPU without native bf16" in capsys.readouterr().err
+
+
 def test_one_process_can_train_runs_of_different_precision_one_after_another(tiny_shards, tiny_expert, tmp_path):
     """The pipeline and the benchmarks train several runs in one process (accelerate's state is a singleton)."""
     for i, (precision, accumulation) in enumerate((("no", 1), ("bf16", 2), ("no", 1))):

@@ -146,8 +146,10 @@ def bench_step_cost(args) -> dict:
 
     threads = args.threads or cpu_threads()
     precision = args.step_precision
-    if precision == "auto":  # the trainer's mixed_precision auto: bf16 on a GPU; bf16 autocast pays on this CPU too
-        precision = "bf16"
+    if precision == "auto":  # the trainer's own rule: bf16 on a GPU or a CPU with native bf16, else fp32
+        from fadscale.training.backend import resolve_precision
+
+        precision = "bf16" if resolve_precision("auto") == "bf16" else "fp32"
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench_cache_step_") as tmp:
         for arch in args.experts:
@@ -218,7 +220,7 @@ def main() -> None:
                         help="default 4 8 on a GPU, 4 on CPU (a tiny-sd step at 64px is minutes there); quick 2")
     parser.add_argument("--reps", type=int, default=3, help="timed reps per arm and batch (median)")
     parser.add_argument("--step-precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="the step's precision (auto: bf16 autocast)")
+                        help="the step's precision (auto: the trainer's rule)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all CPUs)")
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--skip-step", action="store_true")
