@@ -224,13 +224,6 @@ class AccelerateBackend(Backend):
     def sync_gradients(self, micro_step: int) -> bool:
         return self.accelerator.sync_gradients
 
-    def warn_if_emulated_bf16(self) -> None:
-        """bf16 asked for explicitly on a CPU that can only emulate it: say so once, on the main rank."""
-        if self.mixed_precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
-            log_line("warning: mixed precision bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX) is "
-                     "emulated, about 12x slower than fp32 here; mixed_precision auto picks fp32 on such a CPU",
-                     self.is_main)
-
     def autocast(self):
         return contextlib.nullcontext()  # accelerate's prepared model runs under its own autocast
 
