@@ -19,7 +19,7 @@ from fadscale.evaluate import report_value
 from fadscale.pipeline import Plan, recipe_steps, run_pipeline, stage_names
 from fadscale.runtime.io import FadscaleError, atomic_write_bytes, atomic_write_text
 from fadscale.runtime.logging import log_line, read_metrics
-from fadscale.training.backend import cpu_has_native_bf16
+from fadscale.training.backend import resolve_precision
 
 # Seconds per stage measured on a 2-core CPU (for the ETA only).
 EXPECTED_SECONDS = {"shard": 5, "expert A (alignment)": 20, "expert B (evaluator)": 20, "feature cache": 5,
@@ -438,7 +438,7 @@ def run_demo(out: str | Path, data: str | None = None, overwrite: bool = False, 
     if steps is not None:  # training time grows with the steps (the default recipe's count is what was timed)
         expected.update({name: cost * steps / recipe_steps() for name, cost in expected.items()
                          if name.startswith("train ")})
-    if not quick and not torch.cuda.is_available() and not cpu_has_native_bf16():
+    if not quick and resolve_precision("auto") == "no":
         # The recipe's mixed_precision auto trains in fp32 here; the expected costs were timed with bf16.
         expected.update({name: cost * FP32_CPU_SLOWDOWN for name, cost in expected.items() if name.startswith("train ")})
         log_line("note: this CPU has no native bf16 (AVX512-BF16 or AMX), so the UNets train in fp32: on 2 cores "
