@@ -114,9 +114,12 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 
 @app.command("shard-data")
 def shard_data(
-    src: str = typer.Argument(..., help="A class-per-folder tree, a zip of one, or 'procedural[:per_class=N,size=S,seed=K]'."),
+    src: str = typer.Argument(..., help="A class-per-folder tree, a zip of one, 'procedural[:per_class=N,size=S,seed=K]', "
+                              "or a data set to download: 'kather16' (Kather 2016, Zenodo 53169; cached, md5-checked)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; must not exist unless --overwrite)."),
-    val_fraction: float = typer.Option(0.1, help="Fraction of each class put in the val split."),
+    val_fraction: float = typer.Option(0.1, help="Fraction of each class put in the val split (choices: epochs, settings)."),
+    test_fraction: float = typer.Option(0.0, help="Fraction of each class put in a test split that is only scored "
+                                        "(`fadscale evaluate` scores it when present); 0.2 for real-tile work."),
     seed: int = typer.Option(0, help="Seed of the stratified train/val split."),
     grayscale: bool = typer.Option(False, "--grayscale", help="Store tiles as 8-bit grayscale (L) instead of RGB."),
     shard_samples: int = typer.Option(1000, help="At most this many tiles per shard."),
@@ -124,15 +127,29 @@ def shard_data(
     workers: int = typer.Option(1, help="Parallel decoding processes."),
     strict: bool = typer.Option(False, "--strict", help="Fail on any unreadable file instead of skipping it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder (only once the new one is complete)."),
+    url: Optional[str] = typer.Option(None, "--url", help="Named data set only: download from this mirror instead."),
+    md5: Optional[str] = typer.Option(None, "--md5", help="Named data set only: the md5 the download must have (default: the published one)."),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="Named data set only: where downloads are kept (default: $FADSCALE_CACHE, else ~/.cache/fadscale)."),
 ) -> None:
     """Turn raw tiles into WebDataset shards with a stratified train/val split and a manifest.
 
-    Example: fadscale shard-data ../Kather_texture_2016_image_tiles_5000.zip --out data/kather --grayscale
+    `kather16` downloads the published Kather 2016 zip once (md5-checked, kept in the cache), then shards it.
+
+    Example: fadscale shard-data kather16 --out data/kather16
     """
+    from fadscale.data.download import DATASETS, fetch, is_named_dataset
     from fadscale.data.shard import shard_dataset, summary_line
 
     try:
-        manifest = shard_dataset(src, out, val_fraction=val_fraction, seed=seed, grayscale=grayscale,
+        if is_named_dataset(src) and not Path(src).exists():
+            if out.exists() and not overwrite:  # before a download of hundreds of MB, not after
+                raise FadscaleError(f"{out}: output already exists (pass --overwrite to replace it)")
+            src = str(fetch(src, url=url, md5=md5, cache_dir=cache_dir))
+        elif url is not None or md5 is not None or cache_dir is not None:
+            raise FadscaleError(f"--url, --md5 and --cache-dir apply to a data set to download "
+                                f"({', '.join(sorted(DATASETS))}), not to {src}")
+        manifest = shard_dataset(src, out, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, grayscale=grayscale,
                                  max_samples_per_shard=shard_samples, max_shard_bytes=shard_mb * 2**20,
                                  workers=workers, strict=strict, overwrite=overwrite)
     except FadscaleError as exc:
@@ -308,23 +325,31 @@ def config_show(stage: str = typer.Argument(..., help="expert, fad (also vanilla
 @app.command("demo")
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for every artifact and the report."),
-    data: Optional[str] = typer.Option(None, help="Your own tiles (folder or zip) instead of the built-in ones."),
+    data: Optional[str] = typer.Option(None, help="Your own tiles (folder or zip) instead of the built-in ones, or "
+                                       "'kather16' to download the published Kather 2016 tiles (cached)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing demo folder."),
     quick: bool = typer.Option(False, "--quick", help="The smallest setting: every stage in a minute or two."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps per arm (default: the "
                                         "recipe's 1,200), in proportionally more time; README, "
                                         "'Longer training', has what 4,800 measured."),
+    preset: str = typer.Option("cpu", "--preset", help="cpu: the CPU-sized recipe; gpu: tiny-sd's UNet at 64 px "
+                               "(needs a CUDA GPU)."),
+    grayscale: bool = typer.Option(False, "--grayscale", help="Train and judge grey tiles (the reference's "
+                                   "setting) even when --data is in colour."),
 ) -> None:
     """Run the whole pipeline on built-in tiles with CPU-sized models and write report.html.
 
-    Example: fadscale demo --out demo-out   (or --data ../shared/data/kather16-sample for your own tiles)
+    Colour tiles in --data (real H&E) take the real-tile recipe (configs/kather16: RGB, a test split that
+    only the evaluation reads). Example: fadscale demo --out demo-out, or
+    fadscale demo --data ../shared/data/kather16 --out real-demo
     """
     from fadscale.demo import run_demo
     from fadscale.runtime.distributed import set_cpu_threads
 
     try:
         set_cpu_threads()
-        report = run_demo(out, data=data, overwrite=overwrite, quick=quick, steps=steps)
+        report = run_demo(out, data=data, overwrite=overwrite, quick=quick, steps=steps, preset=preset,
+                          grayscale=grayscale)
     except FadscaleError as exc:
         _fail(exc)
     typer.echo(f"report: {report}")

@@ -303,7 +303,8 @@ class EvalRunSection(Section):
 
 class RealSection(Section):
     shards: str | None = Field(None, description="real shards; None: those the sampled run was trained on")
-    split: Literal["val", "train"] = "val"
+    split: Literal["auto", "val", "train", "test"] = Field(
+        "auto", description="the real tiles scored; auto: test where the shards have a test part, else val")
     subset: Literal["all", "A", "B"] = "all"
     subset_seed: int = 0
     max_per_class: int | None = Field(None, ge=2, description="cap the real tiles per class (first by key)")

@@ -16,15 +16,22 @@ import torch
 
 from fadscale import __version__
 from fadscale.evaluate import report_value
+from fadscale.data.download import DATASETS, fetch, is_named_dataset
+from fadscale.data.sources import holds_colour
 from fadscale.pipeline import Plan, recipe_steps, run_pipeline, stage_names
 from fadscale.runtime.io import FadscaleError, atomic_write_bytes, atomic_write_text
 from fadscale.runtime.logging import log_line, read_metrics
 from fadscale.training.backend import resolve_precision
 
-# Seconds per stage measured on a 2-core CPU (for the ETA only).
-EXPECTED_SECONDS = {"shard": 5, "expert A (alignment)": 20, "expert B (evaluator)": 20, "feature cache": 5,
-                    "train vanilla": 210, "sample vanilla": 35, "evaluate vanilla": 20,
-                    "train fad": 215, "sample fad": 35, "evaluate fad": 20}
+# Seconds per stage measured on a 2-core CPU with native bf16 (for the ETA only), per recipe.
+EXPECTED_SECONDS = {
+    "tiny": {"shard": 5, "expert A (alignment)": 20, "expert B (evaluator)": 20, "feature cache": 5,
+             "train vanilla": 210, "sample vanilla": 35, "evaluate vanilla": 20,
+             "train fad": 215, "sample fad": 35, "evaluate fad": 20},
+    "kather16": {"shard": 12, "expert A (alignment)": 45, "expert B (evaluator)": 45, "feature cache": 12,
+                 "train vanilla": 310, "sample vanilla": 26, "evaluate vanilla": 28,
+                 "train fad": 320, "sample fad": 26, "evaluate fad": 28},
+}
 # The demo's sampler and learning-curve cadence (README, "Class-faithful tiles", for what they buy).
 SAMPLER = {"sample__scheduler": "dpm++", "sample__steps": 25}
 EVAL_EVERY = 100
@@ -34,34 +41,57 @@ FP32_CPU_SLOWDOWN = 2.6
 
 METRICS = [  # (label, path in the evaluation report, higher is better; None: closest to the real tiles)
     ("generation accuracy (evaluator top-1)", ("generation_accuracy", "overall"), True),
-    ("evaluator accuracy on real val tiles (reference)", ("real_accuracy", "overall"), True),
+    ("evaluator accuracy on the scored real tiles (reference)", ("real_accuracy", "overall"), True),
     ("Frechet distance (evaluator features)", ("distances", "overall", "frechet"), False),
-    ("Frechet, real train vs real val (reference)", ("distances", "reference", "frechet"), False),
+    ("Frechet, real train vs scored real, same count (reference)", ("distances", "reference", "frechet"), False),
+    ("precision, real train vs scored real (reference)", ("distances", "reference", "precision"), True),
+    ("recall, real train vs scored real (reference)", ("distances", "reference", "recall"), True),
     ("Frechet ratio (generated / reference)", ("distances", "frechet_ratio"), False),
     ("KID", ("distances", "overall", "kid"), False),
     ("precision", ("distances", "overall", "precision"), True),
     ("recall", ("distances", "overall", "recall"), True),
     ("largest class intensity gap (vs real)", ("intensity", "max_abs_gap"), False),
     ("SSIM diversity (1 - mean SSIM)", ("diversity", "mean", "generated"), None),
-    ("SSIM diversity of real val tiles (reference)", ("diversity", "mean", "real"), None),
-    ("train-on-synthetic accuracy (real val)", ("utility", "setups", "synthetic", "overall"), True),
-    ("real + synthetic accuracy (real val)", ("utility", "setups", "real+synthetic", "overall"), True),
-    ("real-only accuracy (real val, reference)", ("utility", "setups", "real", "overall"), True),
+    ("SSIM diversity of the scored real tiles (reference)", ("diversity", "mean", "real"), None),
+    ("largest class colour gap, R/G/B (vs real)", ("intensity", "max_abs_channel_gap"), False),
+    ("copy share, pixels (held-out real: ~0.05)", ("copies", "pixels", "share"), False),
+    ("copy share, evaluator features (held-out real: ~0.05)", ("copies", "features", "share"), False),
+    ("train-on-synthetic accuracy", ("utility", "setups", "synthetic", "overall"), True),
+    ("train-on-real accuracy, same count (reference)", ("utility", "setups", "real (same count)", "overall"), True),
+    ("real + synthetic accuracy", ("utility", "setups", "real+synthetic", "overall"), True),
+    ("real-only accuracy, all train tiles (reference)", ("utility", "setups", "real", "overall"), True),
 ]
 
-# The bar a demo run is held to (issue "Tiles that look like their class"): (label, check, shown bar).
-def quality_bar(report: dict) -> list[tuple[str, float | None, str, bool | None]]:
-    """(what, measured, bar, passed) for one arm's evaluation report."""
+def quality_bar(report: dict, real_tiles: bool = False) -> list[tuple[str, float | None, str, bool | None]]:
+    """(what, measured, bar, passed) for one arm's evaluation report. The built-in tiles' bar is the issue
+    "Tiles that look like their class"; on real tiles (`real_tiles`) the issue "Real tiles" asks more:
+    train-on-synthetic against train-on-real at the same count, no copies, every class's colour."""
     acc = report_value(report, ("generation_accuracy", "overall"))
     real = report_value(report, ("real_accuracy", "overall"))
     ratio = report_value(report, ("distances", "frechet_ratio"))
-    gap = report_value(report, ("intensity", "max_abs_gap"))
     syn = report_value(report, ("utility", "setups", "synthetic", "overall"))
-    bar_acc = max(real or 0.0, 0.75)
 
     def check(value, ok):
         return None if value is None else bool(ok(value))
 
+    if real_tiles:
+        same = report_value(report, ("utility", "setups", "real (same count)", "overall"))
+        ratio_syn = syn / same if syn is not None and same else None
+        copies = report_value(report, ("copies", "share"))
+        colour = report_value(report, ("intensity", "max_abs_channel_gap"))
+        split = (report.get("real") or {}).get("split", "test")
+        return [
+            ("generation accuracy", acc, f">= {real or 0:.3f} (the evaluator on real {split} tiles)",
+             check(acc, lambda v: v >= (real or 0.0))),
+            ("Frechet / real-vs-real Frechet", ratio, "<= 2", check(ratio, lambda v: v <= 2.0)),
+            ("train-on-synthetic / train-on-real, same count", ratio_syn,
+             f">= 0.8 (real: {_fmt(same)}, synthetic: {_fmt(syn)})", check(ratio_syn, lambda v: v >= 0.8)),
+            ("copy share (nearer a training tile than 95% of held-out tiles)", copies, "<= 0.10",
+             check(copies, lambda v: v <= 0.10)),
+            ("largest per-class mean colour gap (R, G, B)", colour, "<= 0.05", check(colour, lambda v: v <= 0.05)),
+        ]
+    gap = report_value(report, ("intensity", "max_abs_gap"))
+    bar_acc = max(real or 0.0, 0.75)
     return [
         ("generation accuracy", acc, f">= {bar_acc:.3f} (the evaluator's real-tile accuracy, and 0.75)",
          check(acc, lambda v: v >= bar_acc)),
@@ -138,15 +168,18 @@ def learning_curves(runs: dict[str, Path], real_accuracy: float | None) -> bytes
 
 
 def comparison_grid(result: dict, per_row: int = 8) -> bytes:
-    """One row per class: real val tiles | each arm's samples (large enough to see the tissue)."""
+    """One row per class: the scored real tiles (test, else val) | each arm's samples (large enough to see
+    the tissue)."""
     plt = _pyplot()
     from fadscale.evaluate import load_real_tiles, load_sample_set
 
     reports = result["reports"]
-    classes = next(iter(reports.values()))["classes"]
-    size = next(iter(reports.values()))["samples"]["image"]["size"]
-    columns = {"real": load_real_tiles(result["shards"], classes, split="val", image_size=size, channels=1,
-                                       max_per_class=per_row)}
+    first = next(iter(reports.values()))
+    classes = first["classes"]
+    size, channels = first["samples"]["image"]["size"], first["samples"]["image"]["channels"]
+    split = first["real"]["split"]
+    columns = {f"real ({split})": load_real_tiles(result["shards"], classes, split=split, image_size=size,
+                                                  channels=channels, max_per_class=per_row)}
     for arm in reports:
         columns[arm] = load_sample_set(result["out"] / f"samples-{arm}", classes)[2]
     fig, axes = plt.subplots(len(classes), len(columns), figsize=(6.4 * len(columns), 0.86 * len(classes) + 0.6),
@@ -154,9 +187,12 @@ def comparison_grid(result: dict, per_row: int = 8) -> bytes:
     for row, name in enumerate(classes):
         for col, (label, tiles) in enumerate(columns.items()):
             strip = tiles[name][:per_row]
-            image = torch.cat(list(strip), dim=-1)[0].numpy()
+            image = torch.cat(list(strip), dim=-1)
             ax = axes[row, col]
-            ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            if channels == 1:
+                ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            else:
+                ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -203,17 +239,20 @@ def metrics_rows(reports: dict) -> list[tuple[str, float | None, float | None, f
 
 
 def per_class_rows(reports: dict) -> list[list[str]]:
-    """class | evaluator on real | real intensity | real orientation | per arm: generation accuracy, intensity
-    gap, orientation."""
+    """class | evaluator on real | real colour (R/G/B, or intensity) | real orientation | per arm: generation
+    accuracy, the largest colour (or intensity) gap, orientation."""
     first = next(iter(reports.values()))
     rows = []
     for name in first["classes"]:
-        real = report_value(first, ("intensity", "per_class", name, "real"))
-        row = [name, _fmt(report_value(first, ("real_accuracy", "per_class", name))), _fmt(real),
+        level = ((first.get("intensity") or {}).get("per_class") or {}).get(name) or {}
+        real = "/".join(f"{v:.2f}" for v in level.get("channels_real") or [level.get("real") or 0.0])
+        row = [name, _fmt(report_value(first, ("real_accuracy", "per_class", name))), real,
                _fmt(report_value(first, ("orientation", "per_class", name, "real")))]
         for report in reports.values():
-            row += [_fmt(report_value(report, ("generation_accuracy", "per_class", name))),
-                    _fmt(report_value(report, ("intensity", "per_class", name, "gap"))),
+            own = ((report.get("intensity") or {}).get("per_class") or {}).get(name) or {}
+            gaps = own.get("channel_gap") or [own.get("gap")]
+            gap = max(gaps, key=lambda g: abs(g or 0.0)) if gaps and None not in gaps else None
+            row += [_fmt(report_value(report, ("generation_accuracy", "per_class", name))), _fmt(gap),
                     _fmt(report_value(report, ("orientation", "per_class", name, "generated")))]
         rows.append(row)
     return rows
@@ -261,6 +300,22 @@ def collapse_note(runs: dict[str, Path]) -> str | None:
     return text
 
 
+def stage_commands(out: Path, recipe: str, source: str | None) -> list[str]:
+    """The demo's stages as the commands a user would type (the same code the demo runs)."""
+    if recipe == "kather16":
+        shard = f"fadscale shard-data {source or 'kather16'} --out {out}/shards --val-fraction 0.1 --test-fraction 0.2"
+    else:
+        shard = f"fadscale shard-data procedural:per_class=64,size=32 --out {out}/shards --grayscale --val-fraction 0.2"
+    return [shard,
+            f"fadscale train-expert --config configs/{recipe}/expert.yaml --set data.shards={out}/shards "
+            f"--set data.subset=A --set run.out_dir={out}/expert-A",
+            f"fadscale train --config configs/{recipe}/fad.yaml --set data.shards={out}/shards "
+            f"--set expert={out}/expert-A/expert.json --set cache.dir={out}/cache --set run.out_dir={out}/fad",
+            f"fadscale sample --set model.path={out}/fad --set run.out_dir={out}/samples-fad",
+            f"fadscale evaluate --set samples={out}/samples-fad --set evaluator.card={out}/expert-B/expert.json "
+            f"--set run.out_dir={out}/eval-fad"]
+
+
 def write_report(result: dict, out: Path, total_seconds: float, command: str) -> Path:
     reports = result["reports"]
     runs = {arm: out / arm for arm in reports}
@@ -273,6 +328,10 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
         "generated-confusion": generated_confusion(reports),
         "confusion": (Path(result["alignment_expert"]).parent / "confusion.png").read_bytes(),
     }
+    for arm in reports:
+        pairs = out / f"eval-{arm}" / "copies.png"
+        if pairs.is_file():
+            images[f"copies-{arm}"] = pairs.read_bytes()
     curves = learning_curves(runs, real_accuracy)
     if curves is not None:
         images["curves"] = curves
@@ -280,12 +339,14 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
         atomic_write_bytes(out / f"report-{name}.png", data)
     rows = metrics_rows(reports)
     arms = list(reports)
-    bars = {arm: quality_bar(report) for arm, report in reports.items()}
+    real_tiles = result.get("recipe") == "kather16"
+    split = next(iter(reports.values()))["real"]["split"]
+    bars = {arm: quality_bar(report, real_tiles) for arm, report in reports.items()}
     timings = result["timings"]
     class_rows = per_class_rows(reports)
     collapse = collapse_note(runs)
-    class_header = ["class", "evaluator on real", "real intensity", "real orientation"] + \
-        [f"{arm} {what}" for arm in arms for what in ("gen. accuracy", "intensity gap", "orientation")]
+    class_header = ["class", "evaluator on real", "real colour", "real orientation"] + \
+        [f"{arm} {what}" for arm in arms for what in ("gen. accuracy", "colour gap", "orientation")]
 
     def bar_cell(arm: str, i: int) -> str:
         _, value, _, passed = bars[arm][i]
@@ -299,7 +360,8 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
           "Vanilla = plain training; FAD = the same plus the feature-alignment loss. Both use the same "
           f"seed, steps ({trained['train']['max_steps']:,} at batch {trained['data']['batch_size']}), UNet "
           f"({trained['model']['preset']}) and sampler. Scored by an evaluator trained on tiles (split B) that the "
-          "alignment expert (split A) never saw, against real val tiles that no model trained on.\n",
+          f"alignment expert (split A) never saw, against real {split} tiles that no model trained on"
+          + (" or picked anything on" if split == "test" else "") + ".\n",
           "## Class-faithful? The bar\n", "| check | bar | " + " | ".join(arms) + " |",
           "|---|---|" + "---|" * len(arms)]
     md += [f"| {what} | {bar} | " + " | ".join(bar_cell(arm, i) for arm in arms) + " |"
@@ -318,6 +380,8 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
     md += ["\n## Samples (real | " + " | ".join(arms) + ")\n", "![samples](report-samples.png)\n"]
     if "curves" in images:
         md += ["## Learning curves (generation scored during training)\n", "![curves](report-curves.png)\n"]
+    md += [f"## Copy check, {arm}: the closest pairs (generated | nearest training tile)\n\n"
+           f"![copies {arm}](report-copies-{arm}.png)\n" for arm in arms if f"copies-{arm}" in images]
     md += ["## Evaluator on generated tiles: confusion (row: class asked for)\n",
            "![generated confusion](report-generated-confusion.png)\n",
            "## Loss curves\n", "![losses](report-losses.png)\n",
@@ -326,14 +390,7 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
     md += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
     md += ["\n## Reproduce\n", "```", command, "```",
            "Each stage on its own (the same code the demo runs):", "```",
-           f"fadscale shard-data procedural:per_class=64,size=32 --out {out}/shards --grayscale --val-fraction 0.2",
-           f"fadscale train-expert --config configs/tiny/expert.yaml --set data.shards={out}/shards "
-           f"--set data.subset=A --set run.out_dir={out}/expert-A",
-           f"fadscale train --config configs/tiny/fad.yaml --set data.shards={out}/shards "
-           f"--set expert={out}/expert-A/expert.json --set cache.dir={out}/cache --set run.out_dir={out}/fad",
-           f"fadscale sample --set model.path={out}/fad --set run.out_dir={out}/samples-fad",
-           f"fadscale evaluate --set samples={out}/samples-fad --set evaluator.card={out}/expert-B/expert.json "
-           f"--set run.out_dir={out}/eval-fad", "```"]
+           *stage_commands(out, result.get("recipe", "tiny"), result.get("source")), "```"]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
 
     def img(name: str) -> str:
@@ -354,6 +411,8 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
     class_table = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in class_header) + "</tr>" + "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in class_rows)
     timing_rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{s:.1f}</td></tr>" for n, s in timings.items())
+    copies_html = "".join(f"<h2>Copy check, {html.escape(arm)}: the closest pairs (generated | nearest training "
+                          f"tile)</h2>{img(f'copies-{arm}')}" for arm in arms if f"copies-{arm}" in images)
     curves_html = f"<h2>Learning curves (generation scored during training)</h2>{img('curves')}" \
         if "curves" in images else ""
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>fadscale demo report</title>
@@ -366,7 +425,7 @@ pre{{background:#f4f4f4;padding:1em;overflow-x:auto}}</style></head><body>
 total {total_seconds:.0f} s. Vanilla = plain training; FAD = the same plus the feature-alignment loss (same seed,
 steps ({trained['train']['max_steps']:,} at batch {trained['data']['batch_size']}), UNet ({html.escape(trained['model']['preset'])}),
 sampler). Scored by an evaluator trained on tiles (split B) the alignment expert (split A) never saw,
-against real val tiles no model trained on.</p>
+against real {html.escape(split)} tiles no model trained on{" or picked anything on" if split == "test" else ""}.</p>
 <h2>Class-faithful? The bar</h2><table><tr><th>check</th><th>bar</th>{''.join(f'<th>{html.escape(a)}</th>' for a in arms)}</tr>{bar_table}</table>
 <h2>Samples: real | {' | '.join(html.escape(a) for a in arms)}</h2>{img('samples')}
 <h2>Metrics</h2><table><tr><th>metric</th><th>better</th><th>vanilla</th><th>FAD</th><th>FAD - vanilla</th></tr>{table}</table>
@@ -376,6 +435,7 @@ makes; it is not evidence for or against FAD (tools/bench_quality.py runs the se
 {f"<p class='{'bad' if 'WARNING' in collapse else ''}'>{html.escape(collapse)}</p>" if collapse else ""}
 <h2>Per class</h2><p>{html.escape(ORIENTATION_NOTE)}</p><table>{class_table}</table>
 {curves_html}
+{copies_html}
 <h2>Evaluator on generated tiles: confusion (row: the class asked for; diagonal: generation accuracy)</h2>
 {img('generated-confusion')}
 <h2>Loss curves</h2>{img('losses')}
@@ -387,8 +447,21 @@ makes; it is not evidence for or against FAD (tools/bench_quality.py runs the se
     return out / "report.html"
 
 
-def demo_plan(out: Path, data: str | None = None, quick: bool = False, steps: int | None = None) -> Plan:
-    """What the demo runs: the built-in tiles (or `data`), both arms with configs/tiny's recipe.
+# --preset gpu: tiny-sd's UNet at 64 px (the reference's size) on real tiles, bf16, batch 64, one GPU; the
+# experts at 64 px too (the expert sees the UNet's tile size in this pipeline). Not yet run: no GPU lent.
+GPU_PRESET = dict(
+    image_size=64, per_class=64, eval_every=500,
+    expert=["train.epochs=12", "data.batch_size=64"],
+    fad=["model.preset=tiny-sd", "model.gradient_checkpointing=true", "data.batch_size=64", "optim.lr=2e-4",
+         "optim.warmup_steps=200", "train.max_steps=6000", "train.ema_decay=0.999", "train.log_every=50",
+         "checkpoint.every=1000", "eval.per_class=16"])
+
+
+def demo_plan(out: Path, data: str | None = None, quick: bool = False, steps: int | None = None,
+              preset: str = "cpu", grayscale: bool = False) -> Plan:
+    """What the demo runs: the built-in tiles with configs/tiny's recipe, or `data`; where `data` holds colour
+    tiles (real H&E), configs/kather16's: RGB, and a test part (20% of each class) that the evaluation
+    scores and nothing trains or picks on.
 
     `quick`: the smallest setting (a smoke test of every stage in about a minute): 96 tiles, 1 expert
     epoch, the cpu-tiny UNet for 6 steps (two learning-curve points), 3 samples per class, no utility
@@ -397,6 +470,16 @@ def demo_plan(out: Path, data: str | None = None, quick: bool = False, steps: in
     generation accuracy); learning-curve points stay about a dozen per run."""
     plan = Plan(out=out, source=str(Path(data).resolve()) if data else Plan.source, eval_every=EVAL_EVERY,
                 sample_overrides=dict(SAMPLER))
+    if data and holds_colour(data):
+        plan.recipe, plan.channels, plan.val_fraction, plan.test_fraction = "kather16", 3, 0.1, 0.2
+        plan.eval_every = recipe_steps("kather16") // 10
+    if grayscale:  # the reference's setting: tiles trained and judged in grey
+        plan.channels = 1
+    if preset == "gpu":
+        plan.image_size, plan.per_class, plan.eval_every = (GPU_PRESET[k] for k in ("image_size", "per_class",
+                                                                                    "eval_every"))
+        plan.expert_overrides = list(GPU_PRESET["expert"])
+        plan.fad_overrides = list(GPU_PRESET["fad"])
     if quick:
         if not data:
             plan.source = "procedural:per_class=12,size=32,seed=0"
@@ -415,14 +498,23 @@ def demo_plan(out: Path, data: str | None = None, quick: bool = False, steps: in
 
 
 def run_demo(out: str | Path, data: str | None = None, overwrite: bool = False, quick: bool = False,
-             steps: int | None = None) -> Path:
+             steps: int | None = None, preset: str = "cpu", grayscale: bool = False) -> Path:
     """Run the pipeline into `out` and write the report; returns the path of report.html (see `demo_plan`
     for `quick` and `steps`)."""
     out = Path(out)
     if steps is not None and steps < 1:
         raise FadscaleError(f"--steps {steps}: expected a positive number of training steps")
+    if data is not None and is_named_dataset(data) and not Path(data).exists():
+        data = str(fetch(data))  # a published data set by name: downloaded once, md5-checked, then cached
     if data is not None and not Path(data).exists():
-        raise FadscaleError(f"--data {data}: no such folder or zip")
+        raise FadscaleError(f"--data {data}: no such folder or zip (or data set to download: "
+                            f"{', '.join(sorted(DATASETS))})")
+    if preset not in ("cpu", "gpu"):
+        raise FadscaleError(f"--preset {preset}: expected cpu or gpu")
+    if preset == "gpu" and not torch.cuda.is_available():
+        raise FadscaleError("--preset gpu trains tiny-sd at 64 px and needs a CUDA GPU; none is visible here "
+                            "(torch.cuda.is_available() is False). Run it on a GPU machine, or drop --preset for "
+                            "the CPU recipe")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FadscaleError(f"{out}: demo folder already exists (pass --overwrite to replace it)")
@@ -433,10 +525,10 @@ def run_demo(out: str | Path, data: str | None = None, overwrite: bool = False, 
         if data is not None and Path(data).resolve().is_relative_to(out.resolve()):
             raise FadscaleError(f"{out}: not replaced: it holds the --data {data}")
         shutil.rmtree(out)
-    plan = demo_plan(out, data, quick, steps)
-    expected = {name: EXPECTED_SECONDS.get(name, 10) for name in stage_names(plan)}
+    plan = demo_plan(out, data, quick, steps, preset, grayscale)
+    expected = {name: EXPECTED_SECONDS[plan.recipe].get(name, 10) for name in stage_names(plan)}
     if steps is not None:  # training time grows with the steps (the default recipe's count is what was timed)
-        expected.update({name: cost * steps / recipe_steps() for name, cost in expected.items()
+        expected.update({name: cost * steps / recipe_steps(plan.recipe) for name, cost in expected.items()
                          if name.startswith("train ")})
     if not quick and resolve_precision("auto") == "no":
         # The recipe's mixed_precision auto trains in fp32 here; the expected costs were timed with bf16.

@@ -10,8 +10,15 @@
 - SSIM diversity per class (1 - mean SSIM over random pairs), for the generated and the real tiles.
 - Frechet distance, KID and k-NN precision/recall in the evaluator's pooled feature space, overall and
   per class; Inception FID only with local Inception weights (`metrics.inception_weights`).
-- utility: a small classifier trained on synthetic tiles, on real + synthetic, and on real tiles only,
-  each tested on the real validation tiles (train on synthetic, test on real).
+- per-class mean intensity and colour (R, G, B), and orientation coherence, generated beside real.
+- the copy check (fadscale/evaluation/copies.py): the share of generated tiles nearer to a real training
+  tile than 95% of the held-out real tiles are, in pixels and in the evaluator's features.
+- utility: a small classifier trained on synthetic tiles, on real + synthetic, on real tiles only and on
+  as many real tiles as synthetic ones, each tested on the scored real tiles (train on synthetic, test on
+  real).
+
+Which real tiles are scored is `real.split`: `test` where the shards have a test part (no model trains
+or picks anything on it), else `val`.
 
 Output (`run.out_dir`, written atomically): report.json, report.md, confusion.png, grids/<CLASS>.png
 (real tiles on top, generated below), config.yaml. `evaluate_samples(...)` is the same as a library call.
@@ -29,12 +36,14 @@ import torch
 
 from fadscale import __version__
 from fadscale.config import EvaluateConfig, build_config, save_config, with_settings
+from fadscale.evaluation.copies import copy_check
 from fadscale.evaluation.distances import (feature_distances, inception_fid, intensity_by_class, orientation_by_class,
                                            reference_distances)
 from fadscale.evaluation.inputs import (check_independence, evaluator_outputs, evaluator_selection, load_real_tiles,
                                         load_sample_set, stack_tiles)
 from fadscale.evaluation.report import fmt, json_safe, mean_of, report_value, write_outputs
 from fadscale.evaluation.utility import utility_scores
+from fadscale.data.shard import load_manifest
 from fadscale.metrics import accuracy_from_confusion, confusion_matrix, ssim_diversity
 from fadscale.models.expert import load_expert, read_card
 from fadscale.runtime.entry import run_entry
@@ -73,12 +82,13 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
         shards = str(Path(listed).parent) if str(listed).endswith(".json") else str(listed)
     shards = Path(shards)
     size, channels = next(iter(generated.values())).shape[-1], next(iter(generated.values())).shape[1]
-    real = load_real_tiles(shards, classes, split=cfg.real.split, image_size=size, channels=channels,
+    split = scored_split(shards, cfg.real.split)
+    real = load_real_tiles(shards, classes, split=split, image_size=size, channels=channels,
                            subset=cfg.real.subset, subset_seed=cfg.real.subset_seed,
                            max_per_class=cfg.real.max_per_class)
     model, card = load_expert(cfg.evaluator.card, device)
     log_line(f"evaluating {sum(len(t) for t in generated.values())} generated tiles from {folder} against "
-             f"{sum(len(t) for t in real.values())} real {cfg.real.split} tiles with {card['arch']} "
+             f"{sum(len(t) for t in real.values())} real {split} tiles with {card['arch']} "
              f"({card['_path']})", True)
 
     gen_x, gen_y = stack_tiles(generated, classes)
@@ -99,14 +109,23 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
         diversity[name] = entry
     mean_div = {kind: mean_of([d[kind] for d in diversity.values()]) for kind in ("generated", "real")}
 
+    # Every real train tile, loaded once: the reference rows, the class colours, the copy check and the
+    # train-on-real classifiers all draw on them.
+    train = load_real_tiles(shards, classes, split="train", image_size=size, channels=channels)
     distances = {"space": f"evaluator features ({card['arch']}, {card['feature_dim']}-d pooled)",
                  "overall": feature_distances(gen_feat, real_feat, m, cfg.run.seed),
-                 "reference": reference_distances(model, card, shards, classes, generated, real_feat, m,
+                 "reference": reference_distances(model, card, train, classes, generated, real_feat, m,
                                                   cfg.run.seed, device, cfg.evaluator.batch_size)}
     ref_frechet = distances["reference"].get("frechet")
     distances["frechet_ratio"] = distances["overall"]["frechet"] / ref_frechet \
         if ref_frechet and distances["overall"]["frechet"] is not None else None
-    intensity = intensity_by_class(generated, real, shards, classes, size, channels)
+    intensity = intensity_by_class(generated, real, train, classes)
+    copies = {"computed": False, "reason": "the scored real tiles are the train split: nothing is held out"}
+    if split != "train":
+        train_x, _ = stack_tiles(train, classes)
+        train_feat, _ = evaluator_outputs(model, card, train_x, device, cfg.evaluator.batch_size)
+        copies = {"computed": True, **copy_check(gen_x, real_x, train_x, generated_features=gen_feat,
+                                                   held_out_features=real_feat, train_features=train_feat)}
     orientation = orientation_by_class(generated, real, classes)
     if m.per_class:
         distances["per_class"] = {name: feature_distances(gen_feat[gen_y == i], real_feat[real_y == i], m, cfg.run.seed + i)
@@ -114,8 +133,8 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
     utility = {"computed": False, "reason": "utility.enabled is false"}
     if cfg.utility.enabled:
         budget = f"{cfg.utility.steps} steps" if cfg.utility.steps else f"{cfg.utility.epochs} epochs"
-        log_line(f"utility: training 3 {cfg.utility.arch} classifiers ({budget} each)", True)
-        utility = utility_scores(cfg, classes, generated, real, shards, device)
+        log_line(f"utility: training 4 {cfg.utility.arch} classifiers ({budget} each)", True)
+        utility = utility_scores(cfg, classes, generated, real, train, device, split)
 
     warnings = []
     if independence["is_alignment_expert"]:
@@ -137,10 +156,10 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
                     "image": {"size": size, "channels": channels},
                     "run": (manifest or {}).get("run"), "sampler": (manifest or {}).get("sampler"),
                     "weights": (manifest or {}).get("weights"), "filter": (manifest or {}).get("filter")},
-        "real": {"shards": str(shards.resolve()), "split": cfg.real.split, "subset": cfg.real.subset,
+        "real": {"shards": str(shards.resolve()), "split": split, "subset": cfg.real.subset,
                  "count": len(real_x), "per_class": {n: len(real[n]) for n in classes}},
         "evaluator": {"card": card["_path"], "arch": card["arch"], "sha256": card["sha256"],
-                      "card_val_accuracy": card.get("val_accuracy"), "selection": evaluator_selection(card, cfg),
+                      "card_val_accuracy": card.get("val_accuracy"), "selection": evaluator_selection(card, cfg, split),
                       **independence},
         "classes": classes,
         "generation_accuracy": {**accuracy_from_confusion(confusion, classes), "confusion": confusion.tolist()},
@@ -150,6 +169,7 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
         "distances": distances,
         "intensity": intensity,
         "orientation": orientation,
+        "copies": copies,
         "inception_fid": inception_fid(m.inception_weights, gen_x, real_x),
         "utility": utility,
         "warnings": warnings,
@@ -158,11 +178,20 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
     report = json_safe(report)
     if write:
         with atomic_output_dir(out, overwrite=cfg.run.overwrite, made_by="report.json") as staging:
-            write_outputs(staging, report, confusion, classes, generated, real, cfg)
+            write_outputs(staging, report, confusion, classes, generated, real, cfg,
+                          train=stack_tiles(train, classes)[0])
             save_config(cfg, staging / "config.yaml")
         log_line(f"wrote {out}: generation accuracy {report['generation_accuracy']['overall']:.3f}, "
                  f"Frechet distance {fmt(distances['overall']['frechet'])}", True)
     return report
+
+
+def scored_split(shards: Path, wanted: str) -> str:
+    """The real split an evaluation scores: `wanted`, or for "auto" the test part where the shards have one
+    (no model trains or picks anything on it) and val otherwise."""
+    if wanted != "auto":
+        return wanted
+    return "test" if load_manifest(shards)["splits"]["test"]["count"] else "val"
 
 
 def evaluate_samples(samples: str | Path, evaluator: str | Path, out_dir: str | Path | None = None,

@@ -23,17 +23,20 @@ from fadscale.resources import shipped
 from fadscale.runtime.io import FadscaleError
 from fadscale.runtime.logging import log_line
 
-def tiny_config(model, name: str, overrides: list[str]):
-    """A CPU-sized config of configs/tiny/ (shipped with the package) with overrides."""
-    path = shipped("configs") / "tiny" / name
+RECIPES = ("tiny", "kather16")  # configs/tiny: built-in procedural tiles; configs/kather16: real RGB tiles
+
+
+def tiny_config(model, name: str, overrides: list[str], recipe: str = "tiny"):
+    """A CPU-sized config of configs/<recipe>/ (shipped with the package) with overrides."""
+    path = shipped("configs") / recipe / name
     if not path.is_file():
         raise FadscaleError(f"{path}: missing from this installation of fadscale; reinstall it")
     return load_config(model, path, overrides)
 
 
-def recipe_steps() -> int:
-    """Training steps of configs/tiny's recipe (what the demo trains and bench_quality's cpu preset runs)."""
-    return tiny_config(FadConfig, "fad.yaml", []).train.max_steps
+def recipe_steps(recipe: str = "tiny") -> int:
+    """Training steps of a recipe (configs/tiny's: what the demo trains and bench_quality's cpu preset runs)."""
+    return tiny_config(FadConfig, "fad.yaml", [], recipe).train.max_steps
 
 
 @dataclass
@@ -42,6 +45,10 @@ class Plan:
 
     out: Path
     source: str = "procedural:per_class=64,size=32,seed=0"
+    recipe: str = "tiny"  # the configs/ folder: tiny (procedural, grayscale) or kather16 (real RGB tiles)
+    channels: int = 1
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0  # a test part scored by the evaluation (split auto) and chosen on by nothing
     image_size: int = 32
     seed: int = 0
     arms: dict[str, list[str]] = field(default_factory=lambda: {
@@ -114,13 +121,15 @@ def arm_config(plan: Plan, arm: str, extra: list[str] | None = None, *, seed: in
     curves = [f"eval.every={plan.eval_every}", f"eval.evaluator={out / 'expert-B' / 'expert.json'}"] \
         if plan.eval_every else []
     base = [f"run.out_dir={out / (tag or arm)}", f"data.shards={out / 'shards'}", f"expert={alignment}",
-            f"data.image_size={plan.image_size}", f"run.seed={plan.seed if seed is None else seed}",
+            f"data.image_size={plan.image_size}", f"data.channels={plan.channels}",
+            f"run.seed={plan.seed if seed is None else seed}",
             *curves, *plan.fad_overrides, *extra]
-    cfg = tiny_config(FadConfig, "fad.yaml", base)
+    cfg = tiny_config(FadConfig, "fad.yaml", base, plan.recipe)
     # The cache folder follows from the settings (an explicit cache.dir among the overrides wins).
     if not any(o.startswith("cache.dir=") for o in [*plan.fad_overrides, *extra]):
         cfg = tiny_config(FadConfig, "fad.yaml",
-                          [base[0], base[1], base[2], f"cache.dir={_cache_dir(out, needs_spatial(cfg))}", *base[3:]])
+                          [base[0], base[1], base[2], f"cache.dir={_cache_dir(out, needs_spatial(cfg))}", *base[3:]],
+                          plan.recipe)
     return cfg
 
 
@@ -174,7 +183,8 @@ def prepare(plan: Plan, clock: StageClock | None = None, arms: dict[str, list[st
     out.mkdir(parents=True, exist_ok=True)
     clock = clock or StageClock({name: 1.0 for name in prepare_stage_names(plan, arms)})
     shards = out / "shards"
-    clock.run("shard", lambda: shard_dataset(plan.source, shards, grayscale=True, val_fraction=0.2,
+    clock.run("shard", lambda: shard_dataset(plan.source, shards, grayscale=plan.channels == 1,
+                                             val_fraction=plan.val_fraction, test_fraction=plan.test_fraction,
                                              seed=plan.seed, progress=False, overwrite=True))
 
     def expert(subset: str) -> Path:
@@ -182,7 +192,7 @@ def prepare(plan: Plan, clock: StageClock | None = None, arms: dict[str, list[st
         cfg = tiny_config(ExpertConfig, "expert.yaml", [
             f"run.out_dir={out / f'expert-{subset}'}", f"data.shards={shards}", f"data.subset={subset}",
             f"data.image_size={plan.image_size}", f"model.input_size={plan.image_size}",
-            f"run.seed={plan.seed}", *plan.expert_overrides, *own])
+            f"data.channels={plan.channels}", f"run.seed={plan.seed}", *plan.expert_overrides, *own], plan.recipe)
         train_expert(cfg)
         return Path(cfg.run.out_dir) / "expert.json"
 
@@ -250,5 +260,5 @@ def run_pipeline(plan: Plan, expected: dict[str, float] | None = None) -> dict:
     reports = {}
     for arm, extra in plan.arms.items():
         reports[arm] = run_arm(plan, prepared, arm, extra, clock=clock)["report"]
-    return {"out": plan.out, "shards": prepared.shards, "alignment_expert": prepared.alignment_expert,
+    return {"out": plan.out, "recipe": plan.recipe, "source": plan.source, "shards": prepared.shards, "alignment_expert": prepared.alignment_expert,
             "evaluator": prepared.evaluator, "reports": reports, "timings": clock.timings}

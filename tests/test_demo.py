@@ -62,11 +62,13 @@ def test_demo_runs_every_stage_and_writes_the_report(installed, tmp_path):
     assert [p["step"] for p in points] == [3, 6]
     assert all(0 <= p["eval/generation_accuracy"] <= 1 and p["eval/frechet"] > 0 for p in points)
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5  # self-contained: every plot inlined
+    # Self-contained: every plot inlined (grid, losses, curves, confusions, each arm's copy-check pairs).
+    assert html.count("data:image/png;base64,") == 7
     report_md = (out / "report.md").read_text()
     for expected in ("Class-faithful? The bar", "generation accuracy", "Frechet ratio", "intensity gap",
                      "SSIM diversity", "FAD - vanilla", "| better |", "train fad", "fadscale demo",
-                     "Alignment target collapse check", "Evaluator on generated tiles: confusion"):
+                     "Alignment target collapse check", "Evaluator on generated tiles: confusion",
+                     "copy share, pixels", "train-on-real accuracy, same count"):
         assert expected in report_md, expected
     assert "steps (6 at batch 8), UNet (cpu-tiny)" in report_md and "steps (6 at batch 8), UNet (cpu-tiny)" in html
     fad_report = json.loads((out / "eval-fad/report.json").read_text())
@@ -79,6 +81,41 @@ def test_demo_runs_every_stage_and_writes_the_report(installed, tmp_path):
     private = [str(path.relative_to(out)) for path in out.rglob("*")
                if path.stat().st_mode & 0o777 != (0o755 if path.is_dir() else 0o644)]
     assert private == [], private[:10]
+
+
+KATHER16 = REPO.parent / "shared" / "data" / "kather16"
+
+
+@pytest.mark.slow
+def test_demo_on_real_colour_tiles_takes_the_real_tile_recipe(installed, tmp_path):
+    """Colour tiles in --data: configs/kather16 (RGB), a test part that only the evaluation reads, the copy
+    check and the real-tile bar in the report."""
+    if not KATHER16.is_dir():
+        pytest.skip(f"real tiles not found at {KATHER16}")
+    data = tmp_path / "tiles"
+    for folder in sorted(p for p in KATHER16.iterdir() if p.is_dir()):
+        (data / folder.name).mkdir(parents=True)
+        for tile in sorted(folder.glob("*.png"))[:20]:
+            (data / folder.name / tile.name).write_bytes(tile.read_bytes())
+    out = tmp_path / "demo"
+    proc = _run(installed, tmp_path, "demo", "--out", str(out), "--quick", "--data", str(data))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = json.loads((out / "shards/manifest.json").read_text())
+    assert shards["image"]["channels"] == 3
+    assert {split: shards["splits"][split]["count"] for split in ("train", "val", "test")} == {
+        "train": 8 * 14, "val": 8 * 2, "test": 8 * 4}
+    card = json.loads((out / "fad/final/run_card.json").read_text())
+    assert card["config"]["data"]["channels"] == 3
+    for arm in ("vanilla", "fad"):
+        report = json.loads((out / f"eval-{arm}/report.json").read_text())
+        assert report["real"]["split"] == "test" and report["real"]["count"] == 32
+        assert report["copies"]["computed"] and report["copies"]["train_tiles"] == 8 * 14
+        assert len(report["intensity"]["per_class"]["TUMOR"]["channels_generated"]) == 3
+    report_md = (out / "report.md").read_text()
+    for expected in ("copy share (nearer a training tile than 95% of held-out tiles)", "mean colour gap (R, G, B)",
+                     "train-on-synthetic / train-on-real, same count", "against real test tiles",
+                     "configs/kather16/fad.yaml", "--test-fraction 0.2"):
+        assert expected in report_md, expected
 
 
 def test_an_installed_package_renders_a_slurm_script(installed, tmp_path):
@@ -154,4 +191,34 @@ def test_steps_sets_each_arms_training_length_and_keeps_a_dozen_curve_points(tmp
         assert plan.eval_every == (1800 if quick else 300)
     with pytest.raises(FadscaleError, match="--steps 0"):
         run_demo(tmp_path / "out", steps=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_colour_tiles_take_the_real_tile_recipe_and_the_gpu_preset_needs_a_gpu(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from fadscale.demo import demo_plan, run_demo
+    from fadscale.pipeline import arm_config
+    from fadscale.runtime.io import FadscaleError
+
+    rng = np.random.default_rng(0)
+    for kind, mode in (("grey", "L"), ("stained", "RGB")):
+        for cls in ("A", "B"):
+            (tmp_path / kind / cls).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert(mode).save(
+                tmp_path / kind / cls / "t.png")
+    grey, stained = demo_plan(tmp_path / "o", str(tmp_path / "grey")), demo_plan(tmp_path / "o", str(tmp_path / "stained"))
+    assert (grey.recipe, grey.channels, grey.test_fraction) == ("tiny", 1, 0.0)
+    assert (stained.recipe, stained.channels, stained.test_fraction) == ("kather16", 3, 0.2)
+    cfg = arm_config(stained, "fad")
+    assert cfg.data.channels == 3 and "kather16" not in cfg.run.out_dir  # the recipe's config, the demo's folders
+    reference = demo_plan(tmp_path / "o", str(tmp_path / "stained"), grayscale=True)
+    assert arm_config(reference, "vanilla").data.channels == 1
+    gpu = arm_config(demo_plan(tmp_path / "o", str(tmp_path / "stained"), preset="gpu"), "fad")
+    assert (gpu.model.preset, gpu.data.image_size, gpu.data.channels) == ("tiny-sd", 64, 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FadscaleError, match="--preset gpu .* needs a CUDA GPU"):
+        run_demo(tmp_path / "out", data=str(tmp_path / "stained"), preset="gpu")
     assert not (tmp_path / "out").exists()

@@ -130,12 +130,67 @@ def test_utility_classifiers(real_as_samples, tiny_expert, tiny_shards):
                               metrics__ssim_pairs=4, metrics__kid_subsets=2, metrics__per_class=False)
     utility = report["utility"]
     assert utility["computed"] is True
-    assert set(utility["setups"]) == {"real", "synthetic", "real+synthetic"}
+    assert set(utility["setups"]) == {"real", "real (same count)", "synthetic", "real+synthetic"}
     real_train = utility["real_train_tiles"]
     assert utility["setups"]["synthetic"]["train_tiles"] == 48
+    assert utility["setups"]["real (same count)"]["train_tiles"] == 48  # as many real tiles as synthetic ones
     assert utility["setups"]["real+synthetic"]["train_tiles"] == real_train + 48
     for result in utility["setups"].values():
         assert 0.0 <= result["overall"] <= 1.0 and result["count"] == 48
+
+
+def test_copy_check_passes_unseen_tiles_and_fails_a_generator_that_memorises(real_as_samples, tiny_expert,
+                                                                            tiny_shards, tmp_path):
+    common = dict(real__shards=str(tiny_shards), utility__enabled=False, metrics__ssim_pairs=4, metrics__kid_subsets=2,
+                  metrics__per_class=False)
+    # The scored val tiles themselves, as if generated: exactly as near to the training tiles as held-out ones.
+    honest = evaluate_samples(real_as_samples, tiny_expert, tmp_path / "honest", **common)["copies"]
+    assert honest["computed"] and honest["held_out_tiles"] == 48
+    for space in ("pixels", "features"):
+        assert honest[space]["share"] == honest[space]["held_out_share"] <= 0.1
+    # A "generator" that hands back its training tiles, some of them rotated or mirrored.
+    copies = export_real_tiles(tiny_shards, tmp_path / "train-tiles", split="train", max_per_class=6)
+    for i, tile in enumerate(sorted(copies.glob("images/*/*.png"))):
+        with Image.open(tile) as image:
+            image.transpose([Image.Transpose.ROTATE_90, Image.Transpose.FLIP_LEFT_RIGHT][i % 2]).save(tile)
+    memorised = evaluate_samples(copies, tiny_expert, tmp_path / "copied", **common)
+    assert memorised["copies"]["pixels"]["share"] == 1.0 and memorised["copies"]["share"] == 1.0
+    assert all(pair["distance"] == pytest.approx(0.0, abs=1e-3) for pair in memorised["copies"]["closest"])
+    assert "## Copy check" in (tmp_path / "copied/report.md").read_text()
+    with Image.open(tmp_path / "copied/copies.png") as picture:  # the closest pairs, one pair a row
+        assert picture.size == (128 * 2, 128 * 8)  # enlarged 4x to be judged by eye
+    # Scoring the training tiles themselves holds nothing out: no copy check, and the report says why.
+    on_train = evaluate_samples(real_as_samples, tiny_expert, real__split="train", **common)
+    assert on_train["copies"] == {"computed": False,
+                                  "reason": "the scored real tiles are the train split: nothing is held out"}
+
+
+def test_class_colour_is_compared_channel_by_channel():
+    from fadscale.evaluation.distances import intensity_by_class
+
+    torch.manual_seed(0)
+    real = {"A": torch.randint(60, 200, (10, 3, 8, 8), dtype=torch.uint8)}
+    train = {"A": torch.randint(60, 200, (30, 3, 8, 8), dtype=torch.uint8)}
+    reddened = torch.cat([real["A"], train["A"]]).clone()
+    reddened[:, 0] += 26  # +0.10 in red only: a third of that in grey level
+    result = intensity_by_class({"A": reddened}, real, train, ["A"])
+    entry = result["per_class"]["A"]
+    assert entry["channel_gap"] == pytest.approx([26 / 255, 0.0, 0.0], abs=1e-6)
+    assert entry["gap"] == pytest.approx(26 / 255 / 3, abs=1e-6)
+    assert result["max_abs_channel_gap"] == pytest.approx(26 / 255, abs=1e-6)
+    assert result["max_abs_channel_gap"] > 0.05 > result["max_abs_gap"]  # a colour bar sees what grey would miss
+
+
+def test_auto_scores_the_test_part_where_the_shards_have_one(tmp_path):
+    from fadscale.data.shard import shard_dataset
+    from fadscale.evaluate import scored_split
+
+    plain = tmp_path / "plain"
+    shard_dataset("procedural:per_class=10,size=16,seed=0", plain, val_fraction=0.2, progress=False)
+    held = tmp_path / "held"
+    shard_dataset("procedural:per_class=10,size=16,seed=0", held, val_fraction=0.2, test_fraction=0.2, progress=False)
+    assert scored_split(plain, "auto") == "val" and scored_split(held, "auto") == "test"
+    assert scored_split(held, "val") == "val"
 
 
 def test_bad_sample_folders_give_one_line_errors(real_as_samples, tiny_expert, tiny_shards, tmp_path):

@@ -513,8 +513,9 @@ def test_load_manifest_validates(procedural, tmp_path):
     with pytest.raises(FadscaleError, match="manifest.json"):
         load_manifest(tmp_path)
     copy = Path(shutil.copytree(procedural, tmp_path / "copy"))
-    with pytest.raises(FadscaleError, match="no split 'test'"):
-        shard_urls(copy, "test")
+    with pytest.raises(FadscaleError, match="no split 'holdout'"):
+        shard_urls(copy, "holdout")
+    assert shard_urls(copy, "test") == []  # shards without a test part: an empty one
     (copy / "val-000000.tar").write_bytes((copy / "val-000000.tar").read_bytes()[:1024])
     with pytest.raises(FadscaleError, match="val-000000.tar: size differs"):
         load_manifest(copy)
@@ -542,6 +543,48 @@ def test_split_is_stratified_and_stable():
     assert train_classes != sorted(train_classes)  # classes interleaved, so a shuffle buffer can mix them
     assert split_items(list(reversed(items)), folders, 0.1, seed=0) == plan  # listing order is irrelevant
     assert split_items(items, folders, 0.1, seed=1)["val"] != plan["val"]
+
+
+def test_a_test_part_leaves_val_as_it_was_and_every_class_a_training_tile(tmp_path):
+    folders = ("A", "B", "C")
+    sizes = {"A": 2, "B": 10, "C": 50}
+    items = [SourceItem(f"{f}/{i:03d}.png", f, bytes) for f in folders for i in range(sizes[f])]
+    plain = split_items(items, folders, 0.1, seed=0)
+    held = split_items(items, folders, 0.1, seed=0, test_fraction=0.2)
+    assert held["val"] == plain["val"]  # adding a test part moves no val tile
+    counts = {split: {f: [item.class_folder for _, item in held[split]].count(f) for f in folders}
+              for split in ("train", "val", "test")}
+    assert counts == {"train": {"A": 1, "B": 7, "C": 35}, "val": {"A": 1, "B": 1, "C": 5},
+                      "test": {"A": 0, "B": 2, "C": 10}}
+    keys = [key for split in held.values() for key, _ in split]
+    assert len(keys) == len(set(keys)) == 62
+    # Through shard_dataset: the manifest, the summary line, and a manifest from before the test part.
+    out = tmp_path / "shards"
+    manifest = shard_dataset("procedural:per_class=10,size=16,seed=0", out, val_fraction=0.1, test_fraction=0.2,
+                             progress=False)
+    assert manifest["splits"]["test"]["count"] == 16 and manifest["test_fraction"] == 0.2
+    assert "(56 train / 8 val / 16 test, 8 classes)" in summary_line(manifest)
+    assert len(shard_urls(out, "test")) == 1
+    old = json.loads((out / "manifest.json").read_text())
+    del old["splits"]["test"], old["test_fraction"]
+    old["splits"]["train"]["shards"] = manifest["splits"]["train"]["shards"]
+    (out / "manifest.json").write_text(json.dumps(old))
+    assert load_manifest(out)["splits"]["test"]["count"] == 0
+    with pytest.raises(FadscaleError, match="test fraction"):
+        shard_dataset("procedural:per_class=10,size=16,seed=0", tmp_path / "x", val_fraction=0.5, test_fraction=0.5)
+
+
+def test_holds_colour_tells_stained_tiles_from_grey_ones(tmp_path):
+    from fadscale.data.sources import holds_colour
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    for kind, image in (("L", Image.fromarray(grey)), ("grey-rgb", Image.fromarray(grey).convert("RGB")),
+                        ("stained", Image.fromarray(np.stack([grey, grey // 2, 255 - grey], axis=-1)))):
+        for cls in ("A", "B"):
+            (tmp_path / kind / cls).mkdir(parents=True)
+            image.save(tmp_path / kind / cls / "t.png")
+    assert [holds_colour(tmp_path / kind) for kind in ("L", "grey-rgb", "stained")] == [False, False, True]
 
 
 def test_val_count_and_class_names():

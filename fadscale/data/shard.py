@@ -1,4 +1,8 @@
-"""Sharding: any tile source -> WebDataset tar shards, with a stratified train/val split and a manifest.
+"""Sharding: any tile source -> WebDataset tar shards, with a stratified train/val/test split and a manifest.
+
+Three parts, fixed by a hash of each file's path: train (generators and experts learn from it), val
+(anything may be chosen on it: epochs, settings) and test (only scored; empty unless asked for, as the
+real-tile recipe does).
 
 Every image is decoded, normalised to 8-bit RGB (or L) at its own pixel size and stored as a lossless
 PNG; files that cannot be used are skipped and listed with a reason. The output is reproducible:
@@ -40,7 +44,7 @@ from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_j
 FORMAT = "fadscale-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 # Images above this many pixels are refused before decoding. Tiles are well under a megapixel; the
 # limit sits below Pillow's own warning threshold, so Pillow's bomb warning is redundant and muted.
@@ -70,8 +74,9 @@ def val_count(n: int, val_fraction: float) -> int:
     return min(count, n - 1)
 
 
-def split_items(items, class_folders, val_fraction: float, seed: int) -> dict[str, list[tuple[str, SourceItem]]]:
-    """Stratified split: {"train": [(key, item), ...], "val": [...]}, each in a fixed mixed order.
+def split_items(items, class_folders, val_fraction: float, seed: int,
+                test_fraction: float = 0.0) -> dict[str, list[tuple[str, SourceItem]]]:
+    """Stratified split: {"train": [(key, item), ...], "val": [...], "test": [...]}, each in a fixed mixed order.
 
     Per class the items are permuted by sha256(seed, relative path): a seeded permutation that
     depends on no random-number library, so the split stays the same across Python and NumPy
@@ -83,8 +88,11 @@ def split_items(items, class_folders, val_fraction: float, seed: int) -> dict[st
         members = [item for item in items if item.class_folder == folder]
         members.sort(key=lambda item: hashlib.sha256(f"{seed}:{item.relative_path}".encode("utf-8")).digest())
         n_val = val_count(len(members), val_fraction)
+        # Test tiles come after the val ones in the permutation, so adding a test part leaves an
+        # existing val split as it was; train keeps at least one tile of every class.
+        n_test = min(val_count(len(members), test_fraction), max(0, len(members) - n_val - 1))
         for position, item in enumerate(members):
-            split = "val" if position < n_val else "train"
+            split = "val" if position < n_val else "test" if position < n_val + n_test else "train"
             plan[split].append((tile_key(index[folder], item.relative_path), item))
     # Keys start with the class index, so key order would write whole shards of one class and a
     # streaming shuffle buffer could not mix them; order by a seeded hash of the key instead (still
@@ -263,9 +271,13 @@ def _refuse_skips(strict: bool, skipped) -> None:
         raise FadscaleError(f"strict mode: {len(skipped)} entries would be skipped: {_listed(skipped)}")
 
 
-def _check_arguments(src, out, val_fraction, max_samples_per_shard, max_shard_bytes, workers) -> None:
+def _check_arguments(src, out, val_fraction, max_samples_per_shard, max_shard_bytes, workers,
+                     test_fraction: float = 0.0) -> None:
     if not 0 <= val_fraction < 1:
         raise FadscaleError(f"val fraction must be in [0, 1), got {val_fraction}")
+    if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise FadscaleError(f"test fraction must be in [0, 1) and leave tiles for training beside the val "
+                            f"fraction {val_fraction}, got {test_fraction}")
     if max_samples_per_shard < 1 or max_shard_bytes < 1:
         raise FadscaleError("shard limits (samples per shard, bytes per shard) must be positive")
     if workers < 1:
@@ -328,8 +340,8 @@ def _write_splits(staging: Path, plan, classes: list[dict], *, grayscale: bool, 
     return written
 
 
-def shard_dataset(src: str | Path, out: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
-                  grayscale: bool = False, max_samples_per_shard: int = 1000,
+def shard_dataset(src: str | Path, out: str | Path, *, val_fraction: float = 0.1, test_fraction: float = 0.0,
+                  seed: int = 0, grayscale: bool = False, max_samples_per_shard: int = 1000,
                   max_shard_bytes: int = 256 * 2**20, workers: int = 1, strict: bool = False,
                   overwrite: bool = False, progress: bool = True) -> dict:
     """Write the tiles of `src` (folder, zip or procedural spec) as shards in `out`; return the manifest.
@@ -337,12 +349,12 @@ def shard_dataset(src: str | Path, out: str | Path, *, val_fraction: float = 0.1
     `strict` turns any skipped entry into a FadscaleError (and no output). `out` must not exist
     unless `overwrite`; the previous output is replaced only once the new one is complete.
     """
-    _check_arguments(src, out, val_fraction, max_samples_per_shard, max_shard_bytes, workers)
+    _check_arguments(src, out, val_fraction, max_samples_per_shard, max_shard_bytes, workers, test_fraction)
     with atomic_output_dir(out, overwrite=overwrite, made_by=MANIFEST) as staging:
         source = open_source(src)
         _refuse_skips(strict, source.skipped)
         classes = class_table(source.class_folders)
-        plan = split_items(source.items, source.class_folders, val_fraction, seed)
+        plan = split_items(source.items, source.class_folders, val_fraction, seed, test_fraction)
         written = _write_splits(staging, plan, classes, grayscale=grayscale, workers=workers, progress=progress,
                                 max_samples=max_samples_per_shard, max_bytes=max_shard_bytes)
         skipped = sorted([*source.skipped, *written.skipped], key=lambda entry: entry["path"])
@@ -352,13 +364,14 @@ def shard_dataset(src: str | Path, out: str | Path, *, val_fraction: float = 0.1
         manifest = shard_manifest(
             source={"path": source.path, "kind": source.kind, "spec": source.spec, "root": source.root},
             channels=1 if grayscale else 3, sizes=written.sizes, classes=classes, seed=seed,
-            val_fraction=val_fraction, per_class=written.per_class, shards=written.shards, skipped=skipped)
+            val_fraction=val_fraction, test_fraction=test_fraction, per_class=written.per_class,
+            shards=written.shards, skipped=skipped)
         atomic_write_json(staging / MANIFEST, manifest)
     return manifest
 
 
 def shard_manifest(*, source: dict, channels: int, sizes: dict[str, int], classes: list[dict], seed: int | None,
-                   val_fraction: float, per_class: dict[str, dict[str, int]], shards: dict[str, list[dict]],
+                   val_fraction: float, test_fraction: float = 0.0, per_class: dict[str, dict[str, int]], shards: dict[str, list[dict]],
                    skipped: list) -> dict:
     """The manifest of a shard folder (`per_class` and `shards` by split), as `load_manifest` reads it."""
     return {
@@ -371,6 +384,7 @@ def shard_manifest(*, source: dict, channels: int, sizes: dict[str, int], classe
         "classes": classes,
         "seed": seed,
         "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
         "splits": {split: {"count": sum(per_class.get(split, {}).values()),
                            "per_class": {entry["name"]: per_class.get(split, {}).get(entry["name"], 0)
                                          for entry in classes},
@@ -390,6 +404,8 @@ def load_manifest(shard_dir: str | Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise FadscaleError(f"{path}: shard format version {manifest.get('format_version')} is not the "
                             f"version {FORMAT_VERSION} this fadscale reads; shard the source again")
+    if isinstance(manifest.get("splits"), dict):  # written before the test part existed: it is empty
+        manifest["splits"].setdefault("test", {"count": 0, "per_class": {}, "shards": []})
     try:
         listed = [shard for split in SPLITS for shard in manifest["splits"][split]["shards"]]
         for shard in listed:
@@ -413,10 +429,13 @@ def shard_urls(shard_dir: str | Path, split: str) -> list[str]:
 
 
 def summary_line(manifest: dict, out: str | Path | None = None) -> str:
-    """One line for the user: 'wrote 127 tiles (114 train / 13 val, 8 classes) in 2 shards to OUT; skipped 0'."""
+    """One line for the user: 'wrote 127 tiles (114 train / 13 val, 8 classes) in 2 shards to OUT; skipped 0'
+    (with ' / N test' when there is a test part)."""
     splits = manifest["splits"]
     train, val = splits["train"]["count"], splits["val"]["count"]
+    test = splits.get("test", {}).get("count", 0)
     shards = sum(len(split["shards"]) for split in splits.values())
     where = f" to {out}" if out is not None else ""
-    return (f"wrote {train + val} tiles ({train} train / {val} val, {len(manifest['classes'])} classes) "
+    parts = f"{train} train / {val} val" + (f" / {test} test" if test else "")
+    return (f"wrote {train + val + test} tiles ({parts}, {len(manifest['classes'])} classes) "
             f"in {shards} shards{where}; skipped {len(manifest['skipped'])}")

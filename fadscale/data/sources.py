@@ -272,3 +272,24 @@ class _InlineBytes:
 
     def __call__(self) -> bytes:
         return self.data
+
+
+def holds_colour(src: str | os.PathLike, sample: int = 16) -> bool:
+    """Whether a source's tiles are in colour: decodes up to `sample` of them, spread over the classes, and
+    looks for a pixel whose R, G and B differ (a grey tile saved as RGB has all three equal)."""
+    import numpy as np
+    from PIL import Image
+
+    items = open_source(src).items
+    step = max(1, len(items) // sample)
+    for item in items[::step][:sample]:
+        try:
+            with Image.open(io.BytesIO(item.read())) as image:
+                if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
+                    continue
+                array = np.asarray(image.convert("RGB"), dtype=np.int16)
+        except Exception:  # an unreadable file says nothing about colour; sharding lists it as skipped
+            continue
+        if np.abs(array[..., 0] - array[..., 1]).max() > 8 or np.abs(array[..., 1] - array[..., 2]).max() > 8:
+            return True
+    return False

@@ -28,35 +28,43 @@ def feature_distances(fake: torch.Tensor, real: torch.Tensor, m: MetricsSection,
             "precision": pr["precision"], "recall": pr["recall"], "k": pr["k"]}
 
 
-def reference_distances(model: nn.Module, card: dict, shards: Path, classes: list[str],
+def reference_distances(model: nn.Module, card: dict, train: dict[str, torch.Tensor], classes: list[str],
                         generated: dict[str, torch.Tensor], real_feat: torch.Tensor, m: MetricsSection, seed: int,
                         device: torch.device, batch_size: int) -> dict:
-    """The same distances for real train tiles against the real val tiles: what a generator that drew
+    """The same distances for real train tiles against the scored real tiles: what a generator that drew
     from the real distribution would score. As many train tiles per class as there are generated ones
     (the first by key), so both rows carry the same small-sample bias."""
-    size, channels = next(iter(generated.values())).shape[-1], next(iter(generated.values())).shape[1]
     wanted = max(len(tiles) for tiles in generated.values())
-    train = load_real_tiles(shards, classes, split="train", image_size=size, channels=channels, max_per_class=wanted)
-    train_x, _ = stack_tiles(train, classes)
+    train_x, _ = stack_tiles({name: tiles[:wanted] for name, tiles in train.items()}, classes)
     train_feat, _ = evaluator_outputs(model, card, train_x, device, batch_size)
-    return {"what": "real train tiles (as many per class as generated, first by key) vs the real val tiles",
+    return {"what": "real train tiles (as many per class as generated, first by key) vs the scored real tiles",
             **feature_distances(train_feat, real_feat, m, seed)}
 
 
-def intensity_by_class(generated: dict[str, torch.Tensor], real_val: dict[str, torch.Tensor], shards: Path,
-                       classes: list[str], size: int, channels: int) -> dict:
-    """Mean pixel intensity (0..1) per class of the generated tiles and of all real tiles (train + val,
-    the closest estimate of the class's own), and the gap; the val-only mean beside it."""
-    train = load_real_tiles(shards, classes, split="train", image_size=size, channels=channels)
+def _channel_means(tiles: torch.Tensor) -> list[float]:
+    return (tiles.float().mean(dim=(0, 2, 3)) / 255.0).tolist()
+
+
+def intensity_by_class(generated: dict[str, torch.Tensor], real_scored: dict[str, torch.Tensor],
+                       train: dict[str, torch.Tensor], classes: list[str]) -> dict:
+    """Mean pixel intensity (0..1) per class of the generated tiles and of the real tiles (train + the scored
+    split, the closest estimate of the class's own), and the gap; the scored split's own mean beside it.
+    For colour tiles also each channel's mean (R, G, B) and its gap: H&E is told apart by its hues, and a
+    grey-level match can hide a wrong stain colour."""
     per_class = {}
     for name in classes:
-        real_all = torch.cat([train[name], real_val[name]])
+        real_all = torch.cat([train[name], real_scored[name]])
         gen = float(generated[name].float().mean() / 255.0)
         real = float(real_all.float().mean() / 255.0)
-        per_class[name] = {"generated": gen, "real": real, "real_val": float(real_val[name].float().mean() / 255.0),
-                           "gap": gen - real, "real_tiles": len(real_all)}
-    return {"what": "mean pixel intensity (0..1); real: all real tiles of the class (train + val)",
-            "per_class": per_class, "max_abs_gap": max(abs(v["gap"]) for v in per_class.values())}
+        gen_rgb, real_rgb = _channel_means(generated[name]), _channel_means(real_all)
+        per_class[name] = {"generated": gen, "real": real, "real_val": float(real_scored[name].float().mean() / 255.0),
+                           "gap": gen - real, "real_tiles": len(real_all),
+                           "channels_generated": gen_rgb, "channels_real": real_rgb,
+                           "channel_gap": [g - r for g, r in zip(gen_rgb, real_rgb)]}
+    return {"what": "mean pixel intensity (0..1), and per channel; real: all real tiles of the class (train + the "
+                    "scored split)",
+            "per_class": per_class, "max_abs_gap": max(abs(v["gap"]) for v in per_class.values()),
+            "max_abs_channel_gap": max(abs(g) for v in per_class.values() for g in v["channel_gap"])}
 
 
 def orientation_by_class(generated: dict[str, torch.Tensor], real_val: dict[str, torch.Tensor],

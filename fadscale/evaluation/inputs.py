@@ -167,16 +167,16 @@ def export_real_tiles(shards: str | Path, out: str | Path, *, split: str = "val"
     return Path(out)
 
 
-def evaluator_selection(card: dict, cfg: EvaluateConfig) -> str:
+def evaluator_selection(card: dict, cfg: EvaluateConfig, split: str) -> str:
     """How the evaluator's weights were chosen, and whether that used tiles this evaluation scores."""
     data = card.get("data") or {}
     subset = data.get("subset", "all")
     epoch = card.get("best_epoch")
     picked = f"epoch {epoch + 1} of {card.get('epochs_trained', '?')}" if isinstance(epoch, int) else "the best epoch"
-    same_tiles = cfg.real.split == "val" and (cfg.real.subset == "all" or cfg.real.subset == subset or subset == "all")
+    same_tiles = split == "val" and (cfg.real.subset == "all" or cfg.real.subset == subset or subset == "all")
     text = f"{picked} by accuracy on the val tiles of subset {subset}"
     if same_tiles:
-        text += (f"; those tiles are among the real {cfg.real.split} tiles scored here, so the evaluator's accuracy "
+        text += (f"; those tiles are among the real {split} tiles scored here, so the evaluator's accuracy "
                  "on real tiles is optimistic (the generated tiles had no say in the choice)")
     return text
 

@@ -42,7 +42,10 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def write_outputs(folder: Path, report: dict, confusion: torch.Tensor, classes: list[str],
-                   generated: dict[str, torch.Tensor], real: dict[str, torch.Tensor], cfg: EvaluateConfig) -> None:
+                   generated: dict[str, torch.Tensor], real: dict[str, torch.Tensor], cfg: EvaluateConfig,
+                   train: torch.Tensor | None = None) -> None:
+    """Write report.json, report.md, confusion.png, grids/<CLASS>.png and, with the real train tiles
+    (`train`, stacked in class order), copies.png: the copy check's closest pairs, one pair a row."""
     from fadscale.train_expert import save_confusion_png
 
     files = {"report": "report.json", "markdown": "report.md", "confusion": "confusion.png", "grids": {}}
@@ -54,6 +57,18 @@ def write_outputs(folder: Path, report: dict, confusion: torch.Tensor, classes: 
         rel = f"grids/{class_dir_name(name)}.png"
         write_grid(list(real[name][:count]) + list(generated[name][:count]), folder / rel, rows=2)
         files["grids"][name] = rel
+    copies = report.get("copies") or {}
+    if copies.get("computed") and copies.get("closest") and train is not None:
+        flat_generated = torch.cat([generated[name] for name in classes])
+        strip = []
+        for pair in copies["closest"]:
+            strip += [flat_generated[pair["generated"]], train[pair["train"]]]
+        # Enlarged (nearest neighbour) to about 128 px a tile: at 32 px a reader cannot judge a copy.
+        scale = max(1, 128 // strip[0].shape[-1])
+        strip = [tile.repeat_interleave(scale, -1).repeat_interleave(scale, -2) for tile in strip]
+        write_grid(strip, folder / "copies.png", rows=len(copies["closest"]))
+        files["closest_pairs"] = "copies.png"
+        copies["files"] = {"closest_pairs": "copies.png"}
     report["files"] = files
     EVALUATION_REPORT.write(folder, report)
     atomic_write_text(folder / "report.md", markdown_report(report))
@@ -72,7 +87,7 @@ def markdown_report(report: dict) -> str:
     if sampler:
         lines.append(f"- sampler: {sampler.get('scheduler')}, {sampler.get('steps')} steps, guidance "
                      f"{sampler.get('guidance')}; weights {(report['samples'].get('weights') or {}).get('used')}")
-    lines.append(f"- real tiles: `{report['real']['shards']}` {report['real']['split']} split "
+    lines.append(f"- real tiles scored: `{report['real']['shards']}` {report['real']['split']} split "
                  f"({report['real']['count']} tiles)")
     lines.append(f"- evaluator: {ev['arch']} `{ev['card']}` (sha256 {ev['sha256'][:12]}); "
                  + ("**the alignment expert itself (allowed by evaluator.allow_alignment_expert)**"
@@ -119,6 +134,7 @@ def markdown_report(report: dict) -> str:
                                          fmt(oriented.get("generated"), 2), fmt(oriented.get("real"), 2),
                                          fmt(d.get("frechet"), 2), fmt(d.get("kid"), 4),
                                          fmt(d.get("precision"), 2), fmt(d.get("recall"), 2)]) + " |")
+    lines += copy_lines(report.get("copies") or {})
     lines += ["", "## Utility (train on X, test on real)", ""]
     utility = report["utility"]
     if utility.get("computed"):
@@ -133,6 +149,23 @@ def markdown_report(report: dict) -> str:
     lines += ["", "Confusion matrix: `confusion.png`; real (top row) vs generated (bottom row) tiles per class: "
               "`grids/<CLASS>.png`.", ""]
     return "\n".join(lines)
+
+
+def copy_lines(copies: dict) -> list[str]:
+    """The copy check's section of report.md."""
+    lines = ["", "## Copy check (nearest real training tile)", ""]
+    if not copies.get("computed"):
+        return lines + [f"not computed: {copies.get('reason')}"]
+    lines += [f"{copies['what']}. {copies['train_tiles']} training tiles, {copies['held_out_tiles']} held-out.", "",
+              "| space | copy share (generated) | held-out share (reference, ~0.05) | threshold | median nearest, "
+              "generated | median nearest, held-out |", "| --- | --- | --- | --- | --- | --- |"]
+    for space in ("pixels", "features"):
+        c = copies[space]
+        lines.append(f"| {space} | {fmt(c['share'])} | {fmt(c['held_out_share'])} | {fmt(c['threshold'], 4)} | "
+                     f"{fmt(c['generated_median'], 4)} | {fmt(c['held_out_median'], 4)} |")
+    if "closest_pairs" in (copies.get("files") or {}):
+        lines += ["", f"The closest pairs (generated, then its nearest training tile): `{copies['files']['closest_pairs']}`"]
+    return lines
 
 
 def report_value(report: dict, path: tuple) -> float | None:

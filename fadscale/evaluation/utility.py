@@ -1,6 +1,8 @@
-"""Utility: small classifiers trained from scratch on synthetic tiles, on real + synthetic, and on real tiles
-only, each tested on the real val tiles (train on synthetic, test on real). Every classifier gets the same
-number of optimizer steps (`utility.steps`), so a smaller training set is not also trained less.
+"""Utility: small classifiers trained from scratch on synthetic tiles, on real + synthetic, on real tiles
+only, and on as many real tiles per class as there are synthetic ones ("real (same count)", the fair
+comparison for train-on-synthetic), each tested on the scored real tiles (train on synthetic, test on
+real). Every classifier gets the same number of optimizer steps (`utility.steps`), so a smaller training
+set is not also trained less.
 
 The loop is a plain one on in-memory tensors: nothing here needs the training core's checkpoints,
 resume or distribution."""
@@ -8,7 +10,6 @@ resume or distribution."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fadscale.data.loader import apply_view
-from fadscale.evaluation.inputs import load_real_tiles, stack_tiles
+from fadscale.evaluation.inputs import stack_tiles
 from fadscale.metrics import accuracy_from_confusion, confusion_matrix
 
 if TYPE_CHECKING:
@@ -89,15 +90,17 @@ def predict(model: nn.Module, tiles: torch.Tensor, device: torch.device, batch_s
 
 
 def utility_scores(cfg: EvaluateConfig, classes: list[str], generated: dict[str, torch.Tensor],
-                   real_val: dict[str, torch.Tensor], shards: Path, device: torch.device) -> dict:
+                   real_scored: dict[str, torch.Tensor], train: dict[str, torch.Tensor], device: torch.device,
+                   split: str) -> dict:
     u = cfg.utility
-    size, channels = next(iter(generated.values())).shape[-1], next(iter(generated.values())).shape[1]
-    real_train = load_real_tiles(shards, classes, split="train", image_size=size, channels=channels,
-                                 max_per_class=u.max_real_per_class)
+    cap = u.max_real_per_class
+    real_train = {name: tiles[:cap] if cap else tiles for name, tiles in train.items()}
+    same_count = {name: train[name][:len(generated[name])] for name in classes}
     syn_x, syn_y = stack_tiles(generated, classes)
     real_x, real_y = stack_tiles(real_train, classes)
-    test_x, test_y = stack_tiles(real_val, classes)
-    setups = {"real": (real_x, real_y), "synthetic": (syn_x, syn_y),
+    same_x, same_y = stack_tiles(same_count, classes)
+    test_x, test_y = stack_tiles(real_scored, classes)
+    setups = {"real": (real_x, real_y), "real (same count)": (same_x, same_y), "synthetic": (syn_x, syn_y),
               "real+synthetic": (torch.cat([real_x, syn_x]), torch.cat([real_y, syn_y]))}
     results = {}
     for name, (x, y) in setups.items():
@@ -107,7 +110,7 @@ def utility_scores(cfg: EvaluateConfig, classes: list[str], generated: dict[str,
         results[name] = {"train_tiles": len(x), **accuracy_from_confusion(confusion, classes)}
     return {"computed": True, "classifier": u.arch, "steps": u.steps, "epochs": None if u.steps else u.epochs,
             "batch_size": u.batch_size, "lr": u.lr,
-            "seed": cfg.run.seed, "test": {"split": cfg.real.split, "tiles": len(test_x)},
+            "seed": cfg.run.seed, "test": {"split": split, "tiles": len(test_x)},
             "real_train_tiles": len(real_x), "setups": results}
 
 
