@@ -55,6 +55,7 @@ class Plan:
         "vanilla": ["align.enabled=false"], "fad": ["align.enabled=true"]})
     expert_overrides: list[str] = field(default_factory=list)
     alignment_expert_overrides: list[str] = field(default_factory=list)  # expert A only (e.g. a larger input)
+    evaluator_overrides: list[str] = field(default_factory=list)  # expert B only (e.g. trained longer: a stronger judge)
     fad_overrides: list[str] = field(default_factory=list)
     per_class: int = 32
     eval_every: int | None = None  # learning-curve points (eval.every), scored by the split-B evaluator
@@ -188,7 +189,7 @@ def prepare(plan: Plan, clock: StageClock | None = None, arms: dict[str, list[st
                                              seed=plan.seed, progress=False, overwrite=True))
 
     def expert(subset: str) -> Path:
-        own = plan.alignment_expert_overrides if subset == "A" else []
+        own = plan.alignment_expert_overrides if subset == "A" else plan.evaluator_overrides
         cfg = tiny_config(ExpertConfig, "expert.yaml", [
             f"run.out_dir={out / f'expert-{subset}'}", f"data.shards={shards}", f"data.subset={subset}",
             f"data.image_size={plan.image_size}", f"model.input_size={plan.image_size}",

@@ -355,7 +355,9 @@ def test_bad_arguments(tiny_shards, tmp_path):
         eval_loader(tiny_shards, batch_size=4, image_size=32, channels=2)
     with pytest.raises(FadscaleError, match="subset must be one of"):
         train_loader(tiny_shards, **TRAIN, subset="C")
-    with pytest.raises(FadscaleError, match="no split 'test'"):
+    with pytest.raises(FadscaleError, match="no split 'holdout'"):
+        train_loader(tiny_shards, **TRAIN, split="holdout")
+    with pytest.raises(FadscaleError, match=r"the test split has no samples \(shard with --test-fraction > 0\)"):
         train_loader(tiny_shards, **TRAIN, split="test")
     with pytest.raises(FadscaleError, match="not found"):
         train_loader(tmp_path / "nowhere", **TRAIN)

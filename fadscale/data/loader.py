@@ -399,7 +399,7 @@ def _split_shards(shard_dir, split: str) -> tuple[list[str], tuple[int, ...]]:
     except (KeyError, TypeError, ValueError):
         raise FadscaleError(f"{shard_dir}: the manifest lists a {split} shard without its sample count") from None
     if not urls or sum(counts) == 0:
-        hint = " (shard with --val-fraction > 0)" if split == "val" else ""
+        hint = {"val": " (shard with --val-fraction > 0)", "test": " (shard with --test-fraction > 0)"}.get(split, "")
         raise FadscaleError(f"{shard_dir}: the {split} split has no samples{hint}")
     return urls, counts
 
