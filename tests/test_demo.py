@@ -218,6 +218,15 @@ def test_colour_tiles_take_the_real_tile_recipe_and_the_gpu_preset_needs_a_gpu(t
     assert arm_config(reference, "vanilla").data.channels == 1
     gpu = arm_config(demo_plan(tmp_path / "o", str(tmp_path / "stained"), preset="gpu"), "fad")
     assert (gpu.model.preset, gpu.data.image_size, gpu.data.channels) == ("tiny-sd", 64, 3)
+    # A data set by name goes through the downloader (tests/test_download.py serves it over loopback).
+    import fadscale.demo
+
+    def offline(name, **_):
+        raise FadscaleError(f"{name}: could not download (offline)")
+
+    monkeypatch.setattr(fadscale.demo, "fetch", offline)
+    with pytest.raises(FadscaleError, match="kather16: could not download"):
+        run_demo(tmp_path / "out", data="kather16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(FadscaleError, match="--preset gpu .* needs a CUDA GPU"):
         run_demo(tmp_path / "out", data=str(tmp_path / "stained"), preset="gpu")
