@@ -3,6 +3,8 @@ class-conditional DDPM of the same size, trained the same way, scored in full at
 
     python tools/bench_time_to_quality.py --from-demo real-demo --points 1000 2000 4000 8000 --threads 2
     python tools/bench_time_to_quality.py --from-demo real-demo --arms plain --threads 1   # one arm per core
+    python tools/bench_time_to_quality.py --from-demo real-demo --arms recipe --points 1500 --split val \
+        --set noise.min_snr_gamma=5 --tag=-minsnr                 # a recipe change, judged on val tiles
 
 Each arm is one run trained in stages: to the first point, then resumed to the next (the trainer continues a
 run when max_steps grows), so every point is the same run further on. The learning rate is constant after
@@ -70,6 +72,11 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--points", nargs="+", type=int, default=[1000, 2000, 4000, 8000])
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override added to every arm (a recipe change to try)")
+    parser.add_argument("--tag", default="", help="appended to each arm's folder names (runs with other --set)")
+    parser.add_argument("--split", default="test", choices=["test", "val"],
+                        help="the real tiles scored: test (the benchmark), or val (to pick a setting: never on test)")
     args = parser.parse_args(argv)
     from bench_recipe import reuse_demo
 
@@ -84,15 +91,16 @@ def main(argv=None) -> None:
     for arm in args.arms:
         seconds = 0.0
         for step in sorted(args.points):
-            overrides = ["align.enabled=false", *ARMS[arm], f"train.max_steps={step}", "checkpoint.every=1000000"]
+            overrides = ["align.enabled=false", *ARMS[arm], *args.set, f"train.max_steps={step}",
+                         "checkpoint.every=1000000"]
             with contextlib.redirect_stdout(sys.stderr):
                 with OtherLoad() as load:
-                    run_dir = train_run(plan, prepared, "vanilla", overrides, tag=arm)
+                    run_dir = train_run(plan, prepared, "vanilla", overrides, tag=arm + args.tag)
                 seconds += load.wall
-                tag = f"{arm}-{step}"
+                tag = f"{arm}{args.tag}-{step}"
                 sample_run(plan, run_dir, out / f"samples-{tag}")
-                report = evaluate_run(plan, prepared, out / f"samples-{tag}", out / f"eval-{tag}")
-            row = {"arm": arm, "step": step, "train_seconds": round(seconds, 1), "threads": threads,
+                report = evaluate_run(plan, prepared, out / f"samples-{tag}", out / f"eval-{tag}", real__split=args.split)
+            row = {"arm": arm + args.tag, "settings": args.set, "split": args.split, "step": step, "train_seconds": round(seconds, 1), "threads": threads,
                    "other_load_cpus": round(load.cpus, 2), **point_figures(report)}
             rows.append(row)
             print(f"{arm:<7} step {step:>6}  train {seconds:>7.0f} s  gen. acc {row['generation_accuracy']:.3f} "
@@ -101,7 +109,7 @@ def main(argv=None) -> None:
                   f"{row['colour_gap']:.3f}  recall {row['recall']:.2f}  STROMA orientation "
                   f"{row['orientation'].get('STROMA', 0):.2f}  other load {row['other_load_cpus']:.2f}", flush=True)
     first_met = {}
-    for arm in args.arms:
+    for arm in [arm + args.tag for arm in args.arms]:
         for label in rows[0]["passed"]:
             met = [r for r in rows if r["arm"] == arm and r["passed"][label]]
             first_met.setdefault(arm, {})[label] = {"step": met[0]["step"], "train_seconds": met[0]["train_seconds"]} \
