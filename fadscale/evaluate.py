@@ -112,6 +112,7 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
     # Every real train tile, loaded once: the reference rows, the class colours, the copy check and the
     # train-on-real classifiers all draw on them.
     train = load_real_tiles(shards, classes, split="train", image_size=size, channels=channels)
+    train_x, _ = stack_tiles(train, classes)
     distances = {"space": f"evaluator features ({card['arch']}, {card['feature_dim']}-d pooled)",
                  "overall": feature_distances(gen_feat, real_feat, m, cfg.run.seed),
                  "reference": reference_distances(model, card, train, classes, generated, real_feat, m,
@@ -122,7 +123,6 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
     intensity = intensity_by_class(generated, real, train, classes)
     copies = {"computed": False, "reason": "the scored real tiles are the train split: nothing is held out"}
     if split != "train":
-        train_x, _ = stack_tiles(train, classes)
         train_feat, _ = evaluator_outputs(model, card, train_x, device, cfg.evaluator.batch_size)
         copies = {"computed": True, **copy_check(gen_x, real_x, train_x, generated_features=gen_feat,
                                                    held_out_features=real_feat, train_features=train_feat)}
@@ -179,7 +179,7 @@ def evaluate(cfg: EvaluateConfig, write: bool = True) -> dict:
     if write:
         with atomic_output_dir(out, overwrite=cfg.run.overwrite, made_by="report.json") as staging:
             write_outputs(staging, report, confusion, classes, generated, real, cfg,
-                          train=stack_tiles(train, classes)[0])
+                          train=train_x)
             save_config(cfg, staging / "config.yaml")
         log_line(f"wrote {out}: generation accuracy {report['generation_accuracy']['overall']:.3f}, "
                  f"Frechet distance {fmt(distances['overall']['frechet'])}", True)

@@ -23,9 +23,6 @@ from fadscale.resources import shipped
 from fadscale.runtime.io import FadscaleError
 from fadscale.runtime.logging import log_line
 
-RECIPES = ("tiny", "kather16")  # configs/tiny: built-in procedural tiles; configs/kather16: real RGB tiles
-
-
 def tiny_config(model, name: str, overrides: list[str], recipe: str = "tiny"):
     """A CPU-sized config of configs/<recipe>/ (shipped with the package) with overrides."""
     path = shipped("configs") / recipe / name
