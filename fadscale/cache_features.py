@@ -29,13 +29,14 @@ from fadscale import __version__
 from fadscale.artifacts import CACHE_MANIFEST
 from fadscale.conditioning import CONDITIONING_FILE, class_prompts, encode_prompts, save_table
 from fadscale.config import FadConfig, needs_spatial
-from fadscale.data.loader import NUM_VIEWS, apply_view, decode_image
+from fadscale.data.loader import NUM_VIEWS, apply_view, check_shard, decode_image
 from fadscale.data.shard import load_manifest
 from fadscale.models.expert import expert_input, load_expert, read_card
 from fadscale.models.vae import load_vae
 from fadscale.runtime.distributed import barrier, detect_world, init_distributed
 from fadscale.runtime.entry import run_entry
 from fadscale.runtime.io import FadscaleError, atomic_write_json, read_json, sha256_file
+from fadscale.runtime.lock import RunLock
 from fadscale.runtime.logging import log_line
 
 
@@ -77,17 +78,33 @@ def check_cache(cfg: FadConfig, card: dict) -> dict:
 
 
 @torch.no_grad()
-def _encode_shard(url: str, out_path: Path, expert, card: dict, cfg: FadConfig, vae, device,
+def _encode_shard(url: str, digest: str | None, out_path: Path, expert, card: dict, cfg: FadConfig, vae, device,
                   progress: tqdm | None) -> int:
-    """Write one cache shard (to a temporary name, renamed when complete). Returns its sample count."""
+    """Write one cache shard (to a temporary name, renamed when complete), the source shard's sha256 checked
+    first. Returns its sample count."""
     spatial = needs_spatial(cfg)
     tmp = out_path.with_name(f".{out_path.name}.partial")
     count = 0
     batch: list[dict] = []
 
-    def flush(writer: wds.TarWriter) -> None:
+    def decoded(sample: dict, channels: int, size: int) -> torch.Tensor | None:
+        try:
+            return decode_image(sample["png"], channels, size)
+        except (OSError, ValueError, SyntaxError) as exc:  # damaged image bytes
+            where = f"{url}: sample {sample['__key__']}: damaged record ({type(exc).__name__})"
+            if cfg.data.on_corrupt == "error":
+                raise FadscaleError(f"{where}; write the shard again, or set data.on_corrupt=skip to leave it out "
+                                    "of the cache") from None
+            log_line(f"warning: {where}: left out of the cache (data.on_corrupt=skip)")
+            return None
+
+    def flush(writer: wds.TarWriter) -> int:
+        tiles = [decoded(s, card["in_chans"], card["input_size"]) for s in batch]
+        batch[:] = [s for s, t in zip(batch, tiles) if t is not None]
+        if not batch:
+            return 0
         # [n, C, S, S] at the expert's input size -> [n * 8, C, S, S], views innermost.
-        tiles = torch.stack([decode_image(s["png"], card["in_chans"], card["input_size"]) for s in batch])
+        tiles = torch.stack([t for t in tiles if t is not None])
         views = torch.stack([apply_view(tiles, v) for v in range(NUM_VIEWS)], dim=1).flatten(0, 1).to(device)
         x = expert_input(views, card)
         if spatial:
@@ -114,21 +131,27 @@ def _encode_shard(url: str, out_path: Path, expert, card: dict, cfg: FadConfig, 
             writer.write(record)
         if progress is not None:
             progress.update(len(batch))
+        written = len(batch)
         batch.clear()
+        return written
 
-    with open(tmp, "wb") as stream:
-        writer = wds.TarWriter(stream)
-        try:
-            for sample in wds.tarfile_to_samples()([{"url": url}]):
-                batch.append(sample)
-                count += 1
-                if len(batch) == cfg.cache.batch_size:
-                    flush(writer)
-            if batch:
-                flush(writer)
-        finally:  # also on an error: closed before its file, not by the garbage collector after it
-            writer.close()
-    tmp.replace(out_path)
+    check_shard(url, digest, cfg.data.on_corrupt)
+    try:
+        with open(tmp, "wb") as stream:
+            writer = wds.TarWriter(stream)
+            try:
+                for sample in wds.tarfile_to_samples()([{"url": url}]):
+                    batch.append(sample)
+                    if len(batch) == cfg.cache.batch_size:
+                        count += flush(writer)
+                if batch:
+                    count += flush(writer)
+            finally:  # also on an error: closed before its file, not by the garbage collector after it
+                writer.close()
+        tmp.replace(out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written shard must not keep the space a retry needs
+        raise
     return count
 
 
@@ -148,6 +171,19 @@ def build_cache(cfg: FadConfig, overwrite: bool = False) -> dict:
     if [c["name"] for c in source["classes"]] != card["classes"]:
         raise FadscaleError(f"{cfg.expert}: the expert's classes {card['classes']} differ from those of "
                             f"{cfg.data.shards}")
+    # One builder per cache folder: a second `fadscale train` needing the same missing cache waits for the
+    # first, then finds it complete.
+    lock = RunLock(out.parent, f".{out.name}.lock", guards=out, remove=True).acquire(wait=True) if world.is_main else None
+    try:
+        barrier()  # no rank looks at the manifest before the main rank holds the lock
+        return _build_locked(cfg, card, source, world, device, overwrite)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build_locked(cfg: FadConfig, card: dict, source: dict, world, device, overwrite: bool) -> dict:
+    out = Path(cfg.cache.dir)
     wanted = fingerprint(cfg, card)
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not overwrite:
@@ -176,7 +212,7 @@ def build_cache(cfg: FadConfig, overwrite: bool = False) -> dict:
     progress = tqdm(total=total, unit="tile", desc="cache", disable=not world.is_main, dynamic_ncols=True)
     for shard in todo:
         url = str(Path(cfg.data.shards) / shard["name"])
-        samples = _encode_shard(url, out / shard["name"], expert, card, cfg, vae, device, progress)
+        samples = _encode_shard(url, shard.get("sha256"), out / shard["name"], expert, card, cfg, vae, device, progress)
         atomic_write_json(out / f"{shard['name']}.done.json", {"fingerprint": wanted, "samples": samples})
     progress.close()
     elapsed = time.perf_counter() - started
@@ -251,7 +287,7 @@ def main(argv=None) -> None:
     overwrite = "--overwrite" in argv
     if overwrite:
         argv.remove("--overwrite")
-    run_entry("cache_features", FadConfig, lambda cfg: run(cfg, overwrite), argv)
+    run_entry("cache_features", FadConfig, lambda cfg: run(cfg, overwrite), argv, output=lambda cfg: cfg.cache.dir)
 
 
 if __name__ == "__main__":

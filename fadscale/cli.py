@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 
 from fadscale import __version__
-from fadscale.runtime.io import FadscaleError, file_error
+from fadscale.runtime.io import FadscaleError, disk_full_message, file_error
 
 app = typer.Typer(
     name="fadscale",
@@ -38,6 +38,23 @@ ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file (see 
 def _fail(exc: FadscaleError) -> None:
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _one_line_errors(output: Path):
+    """In-process commands: a FadscaleError, or a write that failed for want of space under `output`, is one
+    line and exit code 2."""
+    try:
+        yield
+    except FadscaleError as exc:
+        _fail(exc)
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - only a full disk is turned into a line; the rest is re-raised
+        line = disk_full_message(exc, output)
+        if line is None:
+            raise
+        _fail(FadscaleError(line))
 
 
 def _launch(module: str, config: Optional[Path], overrides: list[str] | None, nproc: int, launcher: str,
@@ -62,7 +79,7 @@ def _checked(module: str, config: Optional[Path], overrides: list[str] | None):
 def _run_stage(module: str, config: Optional[Path], overrides: list[str] | None, nproc: int, launcher: str,
                extra: list[str] = ()) -> int:
     """`python -m fadscale.<module>` in a child process (under a launcher when nproc > 1); its exit code."""
-    _checked(module, config, overrides)
+    cfg = _checked(module, config, overrides)
     args = (["--config", str(config)] if config else []) + [a for o in overrides or [] for a in ("--set", o)]
     args += list(extra)
     if nproc <= 1:
@@ -85,10 +102,38 @@ def _run_stage(module: str, config: Optional[Path], overrides: list[str] | None,
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
-        return child.wait()
+        code = child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if code < 0:  # ended by a signal: without this line the user sees nothing at all
+        # On a line of its own: the killed stage's progress bar may have left its line unfinished.
+        typer.echo(f"\nerror: {_killed_message(module, cfg, -code)}", err=True)
+        return 128 - code
+    return code
+
+
+def _killed_message(module: str, cfg, signum: int) -> str:
+    """What ended the stage, what that usually means, and where its run stands."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    meaning = {
+        signal.SIGKILL: "usually the kernel's out-of-memory killer (see `dmesg`): lower data.batch_size or "
+                        "data.workers, or use a machine with more memory",
+        signal.SIGSEGV: "a crash inside a native library",
+        signal.SIGBUS: "often a full /dev/shm (DataLoader workers): lower data.workers",
+    }.get(signum, "sent by another process or the system")
+    if module in ("train_fad", "train_expert"):
+        from fadscale.training.checkpoint import list_checkpoints
+
+        found = list_checkpoints(Path(cfg.run.out_dir) / "checkpoints")
+        state = (f"{cfg.run.out_dir} keeps its checkpoint of step {found[-1][0]}: the same command resumes from it"
+                 if found else f"{cfg.run.out_dir} has no checkpoint yet: the same command starts over")
+    else:
+        state = "its output was not written (nothing half-written is left in its place): run it again"
+    return f"the {module} stage was ended by {name} ({meaning}); {state}"
 
 
 def _die_with_parent():
@@ -141,7 +186,7 @@ def shard_data(
     from fadscale.data.download import DATASETS, fetch, is_named_dataset
     from fadscale.data.shard import shard_dataset, summary_line
 
-    try:
+    with _one_line_errors(out):
         if is_named_dataset(src) and not Path(src).exists():
             if out.exists() and not overwrite:  # before a download of hundreds of MB, not after
                 raise FadscaleError(f"{out}: output already exists (pass --overwrite to replace it)")
@@ -152,8 +197,6 @@ def shard_data(
         manifest = shard_dataset(src, out, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, grayscale=grayscale,
                                  max_samples_per_shard=shard_samples, max_shard_bytes=shard_mb * 2**20,
                                  workers=workers, strict=strict, overwrite=overwrite)
-    except FadscaleError as exc:
-        _fail(exc)
     typer.echo(summary_line(manifest, out))
 
 
@@ -263,10 +306,8 @@ def export(
     """
     from fadscale.export import export_run
 
-    try:
+    with _one_line_errors(out):
         typer.echo(export_run(run, out, weights=weights, overwrite=overwrite))
-    except FadscaleError as exc:
-        _fail(exc)
 
 
 @app.command("submit")
@@ -346,12 +387,10 @@ def demo(
     from fadscale.demo import run_demo
     from fadscale.runtime.distributed import set_cpu_threads
 
-    try:
+    with _one_line_errors(out):
         set_cpu_threads()
         report = run_demo(out, data=data, overwrite=overwrite, quick=quick, steps=steps, preset=preset,
                           grayscale=grayscale)
-    except FadscaleError as exc:
-        _fail(exc)
     typer.echo(f"report: {report}")
 
 

@@ -24,7 +24,7 @@ from fadscale.runtime.io import FadscaleError, atomic_write_text
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -35,9 +35,10 @@ class Section(BaseModel):
 class RunSection(Section):
     out_dir: str = Field("runs/run", description="run folder: config, logs, checkpoints, outputs")
     seed: int = 0
-    resume: Literal["auto", "never"] = Field(
-        "auto", description="auto: continue from the newest complete checkpoint in out_dir"
-    )
+    resume: Literal["auto", "never", "force"] = Field(
+        "auto", description="auto: continue from the newest complete checkpoint in out_dir (refused when settings "
+        "that change what is trained differ from the checkpoint's); force: continue anyway, recording the change; "
+        "never: start over")
 
 
 class DataSection(Section):
@@ -55,6 +56,9 @@ class DataSection(Section):
         "all", description="A/B: a fixed half of the tiles (by key), disjoint from the other half"
     )
     subset_seed: int = 0
+    on_corrupt: Literal["error", "skip"] = Field(
+        "error", description="a shard whose sha256 differs from its manifest, or a record that does not decode: "
+        "error stops with the shard and key; skip leaves damaged records out (named on stderr, counted)")
 
 
 class OptimSection(Section):
@@ -479,6 +483,38 @@ def _suggest(model: type[BaseModel], loc: tuple) -> str | None:
     return ".".join(best[2]) if best is not None and best[0] >= 0.6 else None
 
 
+# A config is a few hundred values: these limits refuse YAML alias bombs, huge lists and deep nesting in one
+# line, before anything expands them (validation, error messages).
+MAX_VALUES = 100_000
+MAX_DEPTH = 50
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to about `limit` characters (a message must stay one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text):,} characters)"
+
+
+def _check_size(tree: Any, source: str) -> None:
+    """Refuse a tree of more than MAX_VALUES values or deeper than MAX_DEPTH, counting each alias's
+    expansion (walked iteratively, with a budget: a bomb is refused without being expanded)."""
+    stack, count = [(tree, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise FadscaleError(f"{source}: more than {MAX_VALUES:,} values (YAML aliases counted as expanded); "
+                                "a config holds a few hundred")
+        if depth > MAX_DEPTH:
+            raise FadscaleError(f"{source}: nested more than {MAX_DEPTH} levels deep; a config has two or three")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+            stack.extend((k, depth + 1) for k in node.keys())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
+
+
 def _explain(model: type[BaseModel], err: dict, tree: Any = None) -> tuple[str, str]:
     """(the key at fault, the message without its source) for one pydantic error."""
     loc = tuple(str(p) for p in err["loc"])
@@ -492,15 +528,15 @@ def _explain(model: type[BaseModel], err: dict, tree: Any = None) -> tuple[str, 
         known = ", ".join(section.model_fields) if section is not None else "(none)"
         close = _suggest(model, loc)
         hint = f"; did you mean {close!r}?" if close else "."
-        return key, f"unknown key {key!r} (given {err.get('input')!r}){hint} Valid keys {where}: {known}"
+        return key, f"unknown key {key!r} (given {_shown(err.get('input'))}){hint} Valid keys {where}: {known}"
     field, used = _field_at(model, loc)
     if field is None:  # not expected: pydantic's own words, on one line
-        return ".".join(loc), f"key {'.'.join(loc)!r}: got {err.get('input')!r}; {' '.join(err['msg'].split())}"
+        return ".".join(loc), f"key {'.'.join(loc)!r}: got {_shown(err.get('input'))}; {' '.join(err['msg'].split())[:200]}"
     key = ".".join(loc[:used])
     if err["type"] == "missing" and used == len(loc):
         return key, f"key {key!r} is required; expected {_expected(field)}"
     given = _value_at(tree, loc[:used]) if isinstance(tree, dict) else err.get("input")
-    given_text = f"{given!r} ({type(given).__name__})" if given is not None else "null"
+    given_text = f"{_shown(given)} ({type(given).__name__})" if given is not None else "null"
     message = f"key {key!r}: got {given_text}; expected {_expected(field)}"
     if isinstance(given, bool) and _accepts_str(field.annotation):
         message += f" (YAML reads unquoted {_YAML_BOOL_WORDS} as true/false: quote the value)"
@@ -570,6 +606,8 @@ def parse_override(text: str, model: type[BaseModel] | None = None) -> tuple[lis
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise FadscaleError(f"--set {key.strip()}: the value is nested too deeply to read") from None
     if isinstance(value, str) and _FLOAT_WITHOUT_DOT.match(value):
         value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
     return parts, value
@@ -621,18 +659,25 @@ def load_config(model: type[ConfigT], path: str | Path | None, overrides: list[s
             raise FadscaleError(f"{path}: config file not found")
         if not path.is_file():
             raise FadscaleError(f"{path}: not a file (expected a YAML config file)")
+        if path.stat().st_size > MAX_CONFIG_BYTES:  # PyYAML would take minutes over a file of many MB
+            raise FadscaleError(f"{path}: {path.stat().st_size:,} bytes; a config file is a few KB (at most "
+                                f"{MAX_CONFIG_BYTES:,} bytes are read)")
         try:
             loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
             raise FadscaleError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
         except UnicodeDecodeError:
             raise FadscaleError(f"{path}: not a text file (expected a YAML config file)") from None
+        except RecursionError:
+            raise FadscaleError(f"{path}: nested too deeply to read (a config has two or three levels)") from None
+        _check_size(loaded, str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise FadscaleError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
         tree = loaded or {}
     parsed = []
     for text in overrides or []:
         parts, value = parse_override(text, model)
+        _check_size(value, f"--set {text[:60]}")
         _apply_override(tree, parts, value)
         parsed.append((".".join(parts), text))
     result = _validate(model, tree)

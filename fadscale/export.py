@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_text
+from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_text, write_checksums
 
 PIPELINE_FILE = "fadscale_pipeline.py"
 PIPELINE_CLASS = "FadscalePipeline"
@@ -36,6 +36,9 @@ def export_run(run: str | Path, out: str | Path, weights: str = "ema", overwrite
     if weights not in ("ema", "raw"):
         raise FadscaleError(f"--weights {weights!r}: expected ema or raw")
     loaded = load_run(run, weights)
+    if Path(out).resolve().is_relative_to(loaded.final.resolve()):
+        raise FadscaleError(f"--out {out}: inside the run's final/ folder, which training replaces when the run "
+                            "continues; export to a folder outside it")
     card = loaded.card
     latent = card["space"] == "latent"
     pipe = FadscalePipeline(
@@ -54,6 +57,7 @@ def export_run(run: str | Path, out: str | Path, weights: str = "ema", overwrite
         atomic_write_text(staging / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
         atomic_write_text(staging / PIPELINE_FILE, Path(hub_pipeline.__file__).read_text())
         atomic_write_text(staging / "README.md", model_card(loaded, out, weights))
+        write_checksums(staging)  # last; FadscalePipeline.from_pretrained checks the files against it
     return out
 
 

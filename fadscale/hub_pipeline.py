@@ -21,6 +21,7 @@ guidance give the same tiles as `fadscale sample` (tests/test_export.py checks i
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class FadscalePipeline(DiffusionPipeline):
         folder = Path(pretrained_model_name_or_path)
         if not (folder / "model_index.json").is_file():
             return super().from_pretrained(pretrained_model_name_or_path, torch_dtype=torch_dtype, **kwargs)
+        _check_files(folder)
         index = json.loads((folder / "model_index.json").read_text())
         parts = {}
         for name in ("unet", "scheduler", "vae"):
@@ -196,3 +198,23 @@ class FadscalePipeline(DiffusionPipeline):
                 images = images.expand(-1, wanted, -1, -1)
         return images
 
+
+def _check_files(folder: Path) -> None:
+    """Compare the folder's files with its checksums.json (written by `fadscale export`), when it has one."""
+    listed = folder / "checksums.json"
+    if not listed.is_file():
+        return
+    wrong = []
+    for name, expected in sorted(json.loads(listed.read_text())["files"].items()):
+        path = folder / name
+        if not path.is_file():
+            wrong.append(f"{name} missing")
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            wrong.append(f"{name} damaged (checksum mismatch)")
+    if wrong:
+        raise ValueError(f"{folder}: {'; '.join(wrong[:3])}: export the run again")

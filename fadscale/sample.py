@@ -45,7 +45,7 @@ from fadscale import __version__
 from fadscale.artifacts import HEAD_FILE, RUN_CARD, SAMPLE_MANIFEST
 from fadscale.config import SampleConfig, build_config, save_config, with_settings
 from fadscale.runtime.entry import run_entry
-from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_json, git_commit
+from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_json, checksum_problems, git_commit
 from fadscale.runtime.logging import log_line
 from fadscale.sampling import generate, grid, make_scheduler, to_uint8
 
@@ -116,6 +116,10 @@ def load_run(path: str | Path, weights: str = "ema", device: torch.device | str 
         folder, fallback = "unet", True
     if not (final / folder).is_dir():
         raise FadscaleError(f"{final / folder}: UNet weights not found")
+    damaged = checksum_problems(final, only=(folder, HEAD_FILE, RUN_CARD.filename))
+    if damaged:  # None: a run written before final/ had checksums
+        raise FadscaleError(f"{final}: damaged ({'; '.join(damaged[:3])}); train again (the run's checkpoints "
+                            "rewrite final/), or restore the folder from a copy")
     try:
         unet = UNet2DConditionModel.from_pretrained(final / folder, torch_dtype=dtype)
     except (OSError, ValueError) as exc:

@@ -40,6 +40,7 @@ from fadscale.runtime.io import FadscaleError, git_commit, save_safetensors, sha
 from fadscale.runtime.logging import log_line
 from fadscale.runtime.schedule import make_scheduler
 from fadscale.training.backend import Backend, DDPBackend
+from fadscale.training.fingerprint import digest
 from fadscale.training.task import LoopSettings, LoopView, TrainParts
 from fadscale.training.trainer import Trainer
 
@@ -303,6 +304,8 @@ def write_outputs(cfg: ExpertConfig, out: Path, classes: list[str], state: dict,
                  "subset_seed": cfg.data.subset_seed,
                  "manifest_sha256": sha256_file(Path(cfg.data.shards) / "manifest.json")},
         "config": cfg.model_dump(mode="json"),
+        "settings_digest": digest(state["settings"]) if state.get("settings") else None,
+        "settings_changes": state.get("settings_changes", []),
         "world_size": world_size,
         # sha256 of each rank's final training state (parameters and buffers): all equal under DDP.
         "replica_sha256": replica_digests,

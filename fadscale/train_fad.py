@@ -38,11 +38,12 @@ from fadscale.models.unet import build_unet, count_parameters, get_module, probe
 from fadscale.models.vae import vae_scaling_factor
 from fadscale.objective import add_noise, min_snr_weights, noise_loss, step_generator, total_loss
 from fadscale.runtime.entry import run_entry
-from fadscale.runtime.io import FadscaleError, atomic_output_dir, git_commit
+from fadscale.runtime.io import FadscaleError, atomic_output_dir, foreign_entries, git_commit, write_checksums
 from fadscale.runtime.logging import log_line, read_metrics
 from fadscale.runtime.schedule import make_scheduler
 from fadscale.sampling import generate, grid, make_scheduler as make_sampler, noise_config
 from fadscale.training.backend import AccelerateBackend
+from fadscale.training.fingerprint import digest
 from fadscale.training.task import LoopSettings, LoopView, TrainParts
 from fadscale.training.trainer import Trainer
 
@@ -381,16 +382,20 @@ class FadTask:
                 "final_metrics": {k: v for k, v in last.items() if k not in ("step", "time")},
                 "alignment_diagnostic": self.target_diagnostic(),
                 "skipped_steps": state["nan_total"],
+                "skipped_records": state.get("skipped_records", 0),
                 "world_size": self.backend.world,
                 "rank_weight_checksums": checksums,
                 "ranks_in_sync": len(set(checksums)) == 1,
                 "mixed_precision": self.backend.mixed_precision,
                 "config": cfg.model_dump(mode="json"),
+                "settings_digest": digest(state["settings"]) if state.get("settings") else None,
+                "settings_changes": state.get("settings_changes", []),
                 "fadscale_version": __version__,
                 "git_commit": git_commit(),
                 "torch": torch.__version__,
             }
             RUN_CARD.write(folder, card)
+            write_checksums(folder)  # last: `fadscale sample` and export check the files against it
         logger.hparams({"method": card["method"], "lr": cfg.optim.lr, "align_weight": cfg.align.weight,
                         "projector": cfg.align.projector, "layer": cfg.align.layer, "batch": cfg.data.batch_size},
                        {"hparam/final_noise_loss": float(last.get("loss/noise", math.nan)),
@@ -407,6 +412,10 @@ def _check_output_dir(out: Path, rank: int) -> None:
         probe.unlink()
     except OSError as exc:
         raise FadscaleError(f"run.out_dir {out}: not writable ({exc.strerror})") from None
+    # final/ is replaced at the end: say now, not after hours of training, that it holds something of the user's.
+    if (out / "final").is_dir() and (foreign := foreign_entries(out / "final")):
+        raise FadscaleError(f"{out / 'final'}: holds {', '.join(foreign[:3])}, which training did not write; it "
+                            "replaces final/ when it ends: move it out first")
 
 
 def fad_trainer(cfg: FadConfig) -> Trainer:

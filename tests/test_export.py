@@ -42,7 +42,7 @@ def exported(tiny_fad_run, tmp_path_factory) -> Path:
 
 def test_the_folder_is_a_diffusers_pipeline_readable_by_everyone(exported):
     assert {p.name for p in exported.iterdir()} == {"model_index.json", "fadscale_pipeline.py", "unet", "scheduler",
-                                                    "README.md"}
+                                                    "README.md", "checksums.json"}
     index = json.loads((exported / "model_index.json").read_text())
     assert index["_class_name"] == ["fadscale_pipeline", "FadscalePipeline"]
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]

@@ -243,10 +243,18 @@ def test_non_finite_losses_stop_with_a_clear_error_and_keep_checkpoints(tiny_sha
     train_fad(cfg)
     before = {p: p.read_bytes() for p in (tmp_path / "run/checkpoints").rglob("*") if p.is_file()}
     # Continue the same run with a poisoned loss: every step non-finite.
-    bad = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__max_steps=8,
-                     checkpoint__every=2, align__weight=float("inf"), train__nan_tolerance=2)
+    more = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__max_steps=8,
+                      checkpoint__every=2, train__nan_tolerance=2)
+    trainer = fad_trainer(more)
+    step = trainer.task.train_step
+
+    def poisoned(*args):
+        loss, metrics = step(*args)
+        return loss * float("inf"), metrics
+
+    trainer.task.train_step = poisoned
     with pytest.raises(FadscaleError, match="2 non-finite losses in a row"):
-        fad_trainer(bad).run()
+        trainer.run()
     after = {p: p.read_bytes() for p in (tmp_path / "run/checkpoints").rglob("*") if p.is_file()}
     assert before == after
 

@@ -19,7 +19,13 @@ range per (rank, worker), so each reads only the shards its range touches.
 
 A batch is a dict: image [B, C, H, W] float in [-1, 1], label [B] long, view [B] long, key list[str],
 plus one tensor per requested cached feature (the row of that sample's view), named by the part of
-the extension before the first dot ("pooled.npy" -> batch["pooled"]).
+the extension before the first dot ("pooled.npy" -> batch["pooled"]), and `skipped` (damaged records
+left out of it).
+
+Damaged data: each shard's sha256 is checked against its manifest once per process, before it is first
+read; every record is checked as it is decoded (the image decodes, the features are finite). What
+happens to damage is `on_corrupt`: "error" stops with one line naming the shard (and the key); "skip"
+leaves the damaged records out, each named on stderr and counted in the batch's `skipped`.
 """
 
 from __future__ import annotations
@@ -41,10 +47,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from fadscale.data.shard import load_manifest, shard_urls
-from fadscale.runtime.io import FadscaleError
+from fadscale.runtime.io import FadscaleError, sha256_file
+from fadscale.runtime.logging import log_line
 
 NUM_VIEWS = 8
 SUBSETS = ("all", "A", "B")
+ON_CORRUPT = ("error", "skip")
 
 
 def apply_view(image: torch.Tensor, view: int) -> torch.Tensor:
@@ -107,31 +115,91 @@ class StreamSpec:
     rank: int = 0
     world_size: int = 1
     counts: tuple[int, ...] = ()  # samples per shard (from the manifest); the eval stream needs them
+    digests: tuple[str | None, ...] = ()  # sha256 per shard (from the manifest); checked before first use
+    on_corrupt: str = "error"  # "error" | "skip": what a damaged shard or record does
 
 
-def _to_sample(raw: dict, spec: StreamSpec, view: int) -> dict:
+class DamagedRecord(Exception):
+    """A record that does not decode, or decodes to non-finite values (message: what is wrong)."""
+
+
+_CHECKED: dict[str, str] = {}  # shard path -> the sha256 it had when this process checked it
+
+
+def check_shard(url: str, expected: str | None, on_corrupt: str) -> None:
+    """Compare a shard's sha256 with its manifest's, once per process and shard. A mismatch is an error
+    under on_corrupt "error"; under "skip" a warning (its damaged records are then skipped as they are read)."""
+    if not expected or _CHECKED.get(url) == expected:
+        return
+    try:
+        actual = sha256_file(url)
+    except OSError as exc:
+        raise FadscaleError(f"{url}: cannot read the shard ({exc.strerror or exc})") from None
+    _CHECKED[url] = expected  # checked: warned about or fine; not hashed again in this process
+    if actual == expected:
+        return
+    if on_corrupt == "error":
+        raise FadscaleError(f"{url}: damaged: its sha256 differs from the one in {Path(url).parent / 'manifest.json'}; "
+                            "write it again (shard-data --overwrite; a feature cache: delete it and it is rebuilt), "
+                            "or set data.on_corrupt=skip to leave its damaged records out")
+    log_line(f"warning: {url}: damaged (sha256 differs from the manifest): its records are checked one by one "
+             "and damaged ones skipped (data.on_corrupt=skip)")
+
+
+def _to_sample(raw: dict, spec: StreamSpec, view: int) -> dict | None:
+    """The decoded sample, or None when it is damaged and spec.on_corrupt is "skip"."""
     where = f"{raw.get('__url__', '?')}: sample {raw['__key__']}"
+    try:
+        return _decode(raw, spec, view, where)
+    except DamagedRecord as exc:
+        if spec.on_corrupt == "error":
+            raise FadscaleError(f"{where}: damaged record ({exc}); write the shard again, or set "
+                                "data.on_corrupt=skip to leave damaged records out") from None
+        log_line(f"warning: {where}: damaged record skipped ({exc})")
+        return None
+
+
+def _decode(raw: dict, spec: StreamSpec, view: int, where: str) -> dict:
     if "png" not in raw or "cls" not in raw:
         raise FadscaleError(f"{where} has no .png or no .cls member (not a fadscale shard?)")
-    image = decode_image(raw["png"], spec.channels, spec.image_size)
+    try:
+        image = decode_image(raw["png"], spec.channels, spec.image_size)
+        label = int(raw["cls"])
+    except (OSError, ValueError, SyntaxError) as exc:  # what PIL and int() raise on damaged bytes
+        raise DamagedRecord(f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}") from None
     sample = {
         "image": apply_view(image, view) if view else image,
-        "label": int(raw["cls"]),
+        "label": label,
         "view": view,
         "key": raw["__key__"],
     }
     for ext in spec.features:
         if ext not in raw:
             raise FadscaleError(f"{where} has no {ext!r} (is this a feature cache built with that array?)")
-        array = decode_npy(raw[ext])
+        try:
+            array = decode_npy(raw[ext])
+        except (OSError, ValueError, EOFError) as exc:
+            raise DamagedRecord(f"{ext}: {type(exc).__name__}: {' '.join(str(exc).split())[:120]}") from None
         if array.ndim < 1 or array.shape[0] != NUM_VIEWS:
             raise FadscaleError(f"{where}: {ext} has shape {array.shape}; expected one row per view "
                                 f"({NUM_VIEWS}, ...)")
+        if not np.isfinite(array).all():  # every view's row: damage anywhere means a damaged record
+            raise DamagedRecord(f"{ext} holds non-finite values")
         sample[ext.split(".")[0]] = torch.from_numpy(array[view].astype(np.float32))
     return sample
 
 
-def _collate(samples: list[dict]) -> dict:
+def _collate(samples: list[dict | None], where: str = "") -> dict:
+    """A batch of the decoded samples; None (skipped, damaged) ones are counted in `skipped`."""
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        raise FadscaleError(f"{where}: every record of a batch is damaged; write the data again")
+    batch = _stack(kept)
+    batch["skipped"] = len(samples) - len(kept)
+    return batch
+
+
+def _stack(samples: list[dict]) -> dict:
     batch = {"key": [s["key"] for s in samples]}
     batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
     batch["view"] = torch.tensor([s["view"] for s in samples], dtype=torch.long)
@@ -232,9 +300,12 @@ def _tar_members(stream, url: str, select: Callable[[str], bool]) -> Iterator[di
                 padded -= len(chunk)
 
 
-def _shard_samples(url: str, select: Callable[[str], bool]) -> Iterator[dict]:
-    """The samples of one shard: tar members grouped by key with WebDataset's group_by_keys. The file
-    is closed when the generator ends or is closed (WebDataset's url_opener leaves that to the GC)."""
+def _shard_samples(url: str, select: Callable[[str], bool], spec: StreamSpec) -> Iterator[dict]:
+    """The samples of one shard, its checksum checked first: tar members grouped by key with WebDataset's
+    group_by_keys. The file is closed when the generator ends or is closed (WebDataset's url_opener leaves
+    that to the GC)."""
+    digests = dict(zip(spec.urls, spec.digests))
+    check_shard(url, digests.get(url), spec.on_corrupt)
     with contextlib.closing(wds.gopen(url)) as stream:
         yield from group_by_keys(_tar_members(stream, url, select))
 
@@ -246,7 +317,7 @@ def _resampled(spec: StreamSpec, rng: random.Random) -> Iterator[dict]:
     while True:
         url = rng.choice(spec.urls)
         kept = 0
-        shard = _shard_samples(url, select)
+        shard = _shard_samples(url, select, spec)
         try:
             for sample in shard:
                 if in_subset(sample["__key__"], spec.subset, spec.subset_seed):
@@ -295,7 +366,8 @@ class TrainStream(IterableDataset):
                 # The DataLoader takes batch start_batch + j from worker j % workers.
                 if index < self.start_batch or (index - self.start_batch) % workers != worker:
                     continue
-                yield _collate([_to_sample(s, spec, v) for s, v in zip(picked, views)])
+                yield _collate([_to_sample(s, spec, v) for s, v in zip(picked, views)],
+                               str(Path(spec.urls[0]).parent))
         finally:
             shuffled.close()
             raw.close()
@@ -323,7 +395,7 @@ class EvalStream(IterableDataset):
             if offset <= start or first >= end:
                 continue
             index = first
-            shard = _shard_samples(url, select)
+            shard = _shard_samples(url, select, spec)
             try:
                 for raw in shard:
                     if index >= end:
@@ -331,7 +403,8 @@ class EvalStream(IterableDataset):
                     if index >= start and in_subset(raw["__key__"], spec.subset, spec.subset_seed):
                         chunk.append(_to_sample(raw, spec, 0))
                         if len(chunk) == spec.batch_size:
-                            yield _collate(chunk)
+                            if any(sample is not None for sample in chunk):
+                                yield _collate(chunk)
                             chunk = []
                     index += 1
                 else:
@@ -339,7 +412,7 @@ class EvalStream(IterableDataset):
                         raise FadscaleError(f"{url}: {index - first} samples, but the manifest says {count}")
             finally:
                 shard.close()
-        if chunk:
+        if any(sample is not None for sample in chunk):
             yield _collate(chunk)
 
 
@@ -377,7 +450,7 @@ def _loader(dataset: IterableDataset, workers: int) -> DataLoader:
 
 
 def _check(*, batch_size: int, image_size: int, channels: int, rank: int, world_size: int, workers: int,
-           subset: str) -> None:
+           subset: str, on_corrupt: str) -> None:
     if batch_size < 1 or image_size < 1:
         raise FadscaleError(f"batch_size and image_size must be positive, got {batch_size} and {image_size}")
     if channels not in (1, 3):
@@ -388,41 +461,44 @@ def _check(*, batch_size: int, image_size: int, channels: int, rank: int, world_
         raise FadscaleError(f"workers must be >= 0, got {workers}")
     if subset not in SUBSETS:
         raise FadscaleError(f"subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
+    if on_corrupt not in ON_CORRUPT:
+        raise FadscaleError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
 
 
-def _split_shards(shard_dir, split: str) -> tuple[list[str], tuple[int, ...]]:
-    """(urls, samples per shard) of a split; a FadscaleError when it has no samples."""
+def _split_shards(shard_dir, split: str) -> tuple[list[str], tuple[int, ...], tuple[str | None, ...]]:
+    """(urls, samples per shard, sha256 per shard) of a split; a FadscaleError when it has no samples."""
     urls = shard_urls(shard_dir, split)
     shards = load_manifest(shard_dir)["splits"][split]["shards"]
     try:
         counts = tuple(int(shard["samples"]) for shard in shards)
     except (KeyError, TypeError, ValueError):
         raise FadscaleError(f"{shard_dir}: the manifest lists a {split} shard without its sample count") from None
+    digests = tuple(shard.get("sha256") if isinstance(shard.get("sha256"), str) else None for shard in shards)
     if not urls or sum(counts) == 0:
         hint = {"val": " (shard with --val-fraction > 0)", "test": " (shard with --test-fraction > 0)"}.get(split, "")
         raise FadscaleError(f"{shard_dir}: the {split} split has no samples{hint}")
-    return urls, counts
+    return urls, counts, digests
 
 
 def train_loader(shard_dir, *, batch_size: int, image_size: int, channels: int, seed: int, epoch: int = 0,
                  rank: int = 0, world_size: int = 1, workers: int = 0, shuffle_buffer: int = 512,
                  samples_per_epoch: int | None = None, views: bool = True, subset: str = "all",
                  subset_seed: int = 0, features: tuple[str, ...] = (), split: str = "train",
-                 start_batch: int = 0) -> DataLoader:
+                 start_batch: int = 0, on_corrupt: str = "error") -> DataLoader:
     """A DataLoader over one epoch of the training stream (build a new one per epoch).
 
     It yields batches_per_epoch(samples_per_epoch, batch_size, world_size) - start_batch batches, the
     same number on every rank; batch b depends only on (seed, epoch, rank, b), not on `workers`.
     """
     _check(batch_size=batch_size, image_size=image_size, channels=channels, rank=rank, world_size=world_size,
-           workers=workers, subset=subset)
+           workers=workers, subset=subset, on_corrupt=on_corrupt)
     if start_batch < 0 or shuffle_buffer < 1:
         raise FadscaleError(f"start_batch must be >= 0 and shuffle_buffer >= 1, got {start_batch} and {shuffle_buffer}")
-    urls, counts = _split_shards(shard_dir, split)
+    urls, counts, digests = _split_shards(shard_dir, split)
     if samples_per_epoch is None:
         samples_per_epoch = split_count(shard_dir, split, subset)
     spec = StreamSpec(urls, image_size, channels, batch_size, tuple(features), subset, subset_seed, rank,
-                      world_size, counts)
+                      world_size, counts, digests, on_corrupt)
     batches = batches_per_epoch(samples_per_epoch, batch_size, world_size)
     stream = TrainStream(spec, seed=seed, epoch=epoch, batches=batches, shuffle_buffer=shuffle_buffer,
                          views=views, start_batch=start_batch)
@@ -438,19 +514,20 @@ def loader_from_config(cfg, source, *, epoch: int, rank: int, world_size: int, f
                         seed=cfg.run.seed if seed is None else seed, epoch=epoch, rank=rank, world_size=world_size,
                         workers=data.workers, shuffle_buffer=data.shuffle_buffer,
                         samples_per_epoch=samples_per_epoch or data.samples_per_epoch, views=data.views,
-                        subset=data.subset, subset_seed=data.subset_seed, features=features, start_batch=start_batch)
+                        subset=data.subset, subset_seed=data.subset_seed, features=features, start_batch=start_batch,
+                       on_corrupt=data.on_corrupt)
 
 
 def eval_loader(shard_dir, *, split: str = "val", batch_size: int, image_size: int, channels: int,
                 rank: int = 0, world_size: int = 1, workers: int = 0, subset: str = "all",
-                subset_seed: int = 0, features: tuple[str, ...] = ()) -> DataLoader:
+                subset_seed: int = 0, features: tuple[str, ...] = (), on_corrupt: str = "error") -> DataLoader:
     """A DataLoader over every sample of `split` exactly once across ranks and workers (view 0, in
     shard order within each rank's range; the last batch of a worker may be short)."""
     _check(batch_size=batch_size, image_size=image_size, channels=channels, rank=rank, world_size=world_size,
-           workers=workers, subset=subset)
-    urls, counts = _split_shards(shard_dir, split)
+           workers=workers, subset=subset, on_corrupt=on_corrupt)
+    urls, counts, digests = _split_shards(shard_dir, split)
     spec = StreamSpec(urls, image_size, channels, batch_size, tuple(features), subset, subset_seed, rank,
-                      world_size, counts)
+                      world_size, counts, digests, on_corrupt)
     return _loader(EvalStream(spec), workers)
 
 

@@ -91,7 +91,7 @@ def _walk_folder(top: Path) -> tuple[_Listing, list[dict], set[tuple[str, ...]]]
     files, skipped, folders = [], [], set()
 
     def report(rel: Path, reason: str) -> None:
-        skipped.append({"path": rel.as_posix(), "reason": reason})
+        skipped.append({"path": printable(rel.as_posix()), "reason": reason})
 
     def list_error(exc: OSError) -> None:
         report(Path(exc.filename).relative_to(top), f"cannot list folder: {exc.strerror}")
@@ -105,6 +105,9 @@ def _walk_folder(top: Path) -> tuple[_Listing, list[dict], set[tuple[str, ...]]]
         for name in sorted(dirnames):
             if _is_clutter(name):
                 continue
+            if not _decodable(name):
+                report(rel_dir / name, "folder name is not valid UTF-8; not read (rename it)")
+                continue
             real = os.path.realpath(os.path.join(dirpath, name))
             if real in visited:
                 report(rel_dir / name, "folder already read through another path (a link loop or duplicate)")
@@ -114,9 +117,28 @@ def _walk_folder(top: Path) -> tuple[_Listing, list[dict], set[tuple[str, ...]]]
             folders.add((rel_dir / name).parts)
         dirnames[:] = kept
         for name in filenames:
-            if not _is_clutter(name):
-                files.append(((rel_dir / name).parts, _FileReader(os.path.join(dirpath, name))))
+            if _is_clutter(name):
+                continue
+            if not _decodable(name):
+                report(rel_dir / name, "file name is not valid UTF-8; not read (rename it)")
+                continue
+            files.append(((rel_dir / name).parts, _FileReader(os.path.join(dirpath, name))))
     return files, skipped, folders
+
+
+def _decodable(name: str) -> bool:
+    """False for a name whose bytes are not UTF-8 (Python keeps them as lone surrogates): keys, the manifest
+    and messages are UTF-8 text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: str) -> str:
+    """A path with its undecodable bytes written as \\xNN escapes (for the manifest and messages)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _list_zip(path: Path) -> tuple[_Listing, list[dict], set[tuple[str, ...]]]:

@@ -8,6 +8,7 @@ built under a temporary name and renamed at the end.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -31,12 +32,107 @@ def file_error(exc: OSError) -> str:
     return f"{where}: {exc.strerror or exc}"
 
 
+_DISK_FULL_TEXT = ("no space left on device", "storagefull", "disk quota exceeded", "errno 28", "file write failed",
+                   "os error 28")
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """'12 MiB free' on the file system of `path` (or of its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{_human(shutil.disk_usage(path).free)} free"
+    except OSError:
+        return "free space unknown"
+
+
+def disk_full_message(exc: BaseException, where: str | os.PathLike) -> str | None:
+    """One line for a write that failed because the disk (or quota) is full, naming the path and the free
+    space; None for any other error. Libraries report a full disk in their own words (safetensors:
+    "StorageFull", torch.save: "file write failed"), so the exception chain's text is read too."""
+    seen: set[int] = set()
+    chain, current = [], exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    path = None
+    for item in chain:
+        if isinstance(item, OSError) and item.errno in (errno.ENOSPC, errno.EDQUOT):
+            path = item.filename or where
+            break
+    else:
+        if not any(text in str(item).lower() for item in chain for text in _DISK_FULL_TEXT):
+            return None
+        path = where
+    return (f"{path}: no space left on the device ({free_space(path)}); free some space or choose another "
+            "output folder, then run again (a training run resumes from its last checkpoint)")
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+CHECKSUMS = "checksums.json"
+
+
+def write_checksums(folder: str | os.PathLike, names: list[str] | None = None, **extra: Any) -> None:
+    """`folder/checksums.json`: the sha256 of `names` (default: every file under `folder`), written last
+    and atomically, so a folder with it is complete. `extra` keys are stored beside the list."""
+    folder = Path(folder)
+    if names is None:
+        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                       if p.is_file() and p.name != CHECKSUMS)
+    atomic_write_json(folder / CHECKSUMS, {**extra, "files": {n: sha256_file(folder / n) for n in names}})
+
+
+def checksum_problems(folder: str | os.PathLike, only: tuple[str, ...] | None = None) -> list[str] | None:
+    """What is wrong with a folder's files against its checksums.json: [] when intact, None when it has no
+    list (written by an older fadscale). `only`: check just the files under these names (a file or folder)."""
+    folder = Path(folder)
+    listed = folder / CHECKSUMS
+    if not listed.is_file():
+        return None
+    try:
+        sums = json.loads(listed.read_text(encoding="utf-8"))["files"]
+        items = sorted(sums.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return [f"{CHECKSUMS} unreadable ({type(exc).__name__})"]
+    found = []
+    for name, digest in items:
+        if only is not None and not any(name == o or name.startswith(o.rstrip("/") + "/") for o in only):
+            continue
+        path = folder / name
+        if not path.is_file():
+            found.append(f"{name} missing")
+        elif sha256_file(path) != digest:
+            found.append(f"{name} damaged (checksum mismatch)")
+    return found
+
+
+def foreign_entries(folder: str | os.PathLike) -> list[str]:
+    """Top-level entries of a folder with a checksums.json that the list does not cover (a user's files put
+    inside an output fadscale replaces as a whole); [] for a folder without the list."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    ours = {name.split("/", 1)[0] for name in files} | {CHECKSUMS}
+    return sorted(p.name for p in folder.iterdir() if p.name not in ours)
 
 
 def _umask() -> int:
@@ -136,6 +232,9 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False, made_by
                 not final.is_dir() or (any(final.iterdir()) and not (final / made_by).is_file())):
             raise FadscaleError(f"{final}: not replaced: it holds no {made_by}, so fadscale did not make it "
                                 f"(move it away or choose another output)")
+        if final.is_dir() and (foreign := foreign_entries(final)):
+            raise FadscaleError(f"{final}: not replaced: it holds {', '.join(foreign[:3])}, which fadscale did not "
+                                "write there; move it out of the folder first")
         _clean_leftovers(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
         try:

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,8 @@ class RunLock:
         self._fd: int | None = None
         self.took_over: dict | None = None  # the stale holder's record, when one was found
 
-    def acquire(self) -> "RunLock":
+    def acquire(self, wait: bool = False) -> "RunLock":
+        """Take the lock; when another process holds it, a one-line error, or (`wait`) wait for it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -41,11 +43,16 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read(fd)
-                os.close(fd)
-                raise FadscaleError(
-                    f"{self.guards}: in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
-                    f"(since {holder.get('started', '?')}; lock {self.path}); stop that run first, or choose "
-                    f"another output folder") from None
+                if wait:
+                    print(f"{self.guards}: pid {holder.get('pid', '?')} on host {holder.get('host', '?')} is writing "
+                          "it; waiting for it to finish", file=sys.stderr, flush=True)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                else:
+                    os.close(fd)
+                    raise FadscaleError(
+                        f"{self.guards}: in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+                        f"(since {holder.get('started', '?')}; lock {self.path}); stop that run first, or choose "
+                        f"another output folder") from None
             # A holder that removes its lock file on release may have done so between our open and flock:
             # then this lock is on a file nobody else will open; start again on the current one.
             try:

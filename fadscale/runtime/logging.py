@@ -48,6 +48,13 @@ class RunLogger:
             for key, value in values.items():
                 self._tb.add_scalar(key, float(value), step)
 
+    def event(self, step: int, name: str, data: dict) -> None:
+        """A record that is not a scalar (e.g. a forced resume's changed settings); `read_metrics` skips it
+        unless asked."""
+        if self.is_main:
+            self._jsonl.write(json.dumps({"step": step, "time": time.time(), "event": name, **data}, default=str) + "\n")
+            self._jsonl.flush()
+
     def image(self, tag: str, step: int, image_chw) -> None:
         if self.is_main and self._tb is not None:
             self._tb.add_image(tag, image_chw, step)
@@ -75,8 +82,10 @@ def _drop_after(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
+def read_metrics(run_dir: str | Path, events: bool = False) -> list[dict]:
+    """The scalar records of a run's metrics.jsonl (and its event records when `events`)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records if events else [r for r in records if "event" not in r]

@@ -24,10 +24,9 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from fadscale.runtime.io import FadscaleError, atomic_write_json, sha256_file, share_tree
+from fadscale.runtime.io import CHECKSUMS, FadscaleError, checksum_problems, share_tree, write_checksums
 from fadscale.runtime.logging import log_line
 
-CHECKSUMS = "checksums.json"
 STATE = "trainer_state.json"
 SCHEDULE = "schedule.pt"
 EMA = "ema.safetensors"
@@ -54,20 +53,9 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 def problems(folder: Path) -> list[str]:
     """What is wrong with a checkpoint folder (empty: intact)."""
-    listed = folder / CHECKSUMS
-    if not listed.is_file():
+    found = checksum_problems(folder)
+    if found is None:
         return [f"no {CHECKSUMS} (an incomplete write, or another fadscale version's layout)"]
-    try:
-        sums = json.loads(listed.read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return [f"{CHECKSUMS} unreadable ({type(exc).__name__})"]
-    found = []
-    for name, digest in sorted(sums.items()):
-        path = folder / name
-        if not path.is_file():
-            found.append(f"{name} missing")
-        elif sha256_file(path) != digest:
-            found.append(f"{name} damaged (checksum mismatch)")
     return found
 
 
@@ -84,23 +72,29 @@ class Checkpointer:
         backend = self.backend
         final = self.root / checkpoint_name(step)
         tmp = self.root / f".{final.name}.partial"
-        if backend.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
-            tmp.mkdir()
-        backend.barrier()
-        names = write(tmp)
-        everything = _gather_names(backend, names)
-        backend.barrier()
-        if backend.is_main:
-            everything = sorted(set(everything) | set(backend.files(tmp)))  # sharded files: listed once all exist
-            atomic_write_json(tmp / CHECKSUMS, {"step": step, "files": {n: sha256_file(tmp / n) for n in everything}})
-            share_tree(tmp)
-            if final.exists():  # the same step saved again (a stop request right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for _, old in list_checkpoints(self.root)[:-self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            if backend.is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+                tmp.mkdir()
+            backend.barrier()
+            names = write(tmp)
+            everything = _gather_names(backend, names)
+            backend.barrier()
+            if backend.is_main:
+                everything = sorted(set(everything) | set(backend.files(tmp)))  # sharded files: listed once all exist
+                write_checksums(tmp, everything, step=step)
+                share_tree(tmp)
+                if final.exists():  # the same step saved again (a stop request right after a periodic save)
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                for _, old in list_checkpoints(self.root)[:-self.keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            # A half-written checkpoint (a full disk, a stop) must not keep its space: the retry needs it.
+            if backend.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         backend.barrier()
         return final
 

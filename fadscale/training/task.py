@@ -20,7 +20,7 @@ from torch import nn
 class LoopSettings:
     out_dir: Path
     seed: int
-    resume: str  # "auto": continue from the newest intact checkpoint; "never"
+    resume: str  # "auto": continue from the newest intact checkpoint; "force": even with changed settings; "never"
     max_steps: int
     batches_per_epoch: int  # micro-batches per rank per epoch (the data position is kept in micro-batches)
     log_every: int

@@ -29,6 +29,7 @@ from fadscale.runtime.logging import RunLogger, log_line
 from fadscale.runtime.signals import StopRequest
 from fadscale.training.backend import Backend, load_torch
 from fadscale.training.checkpoint import EMA, SCHEDULE, STATE, Checkpointer, read_state, rng_file
+from fadscale.training.fingerprint import changed_settings, describe_changes, settings_fingerprint
 from fadscale.training.task import LoopSettings, LoopView, Task
 
 
@@ -72,9 +73,13 @@ class Trainer:
             self.ema.to(backend.device)
         self.checkpointer = Checkpointer(self.out / "checkpoints", settings.keep_last, backend)
         self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "nan_in_row": 0, "nan_total": 0,
-                      "train_seconds": 0.0, "ended_early": False, "world_size": backend.world, "task": {}}
+                      "skipped_records": 0,  # damaged records the loader left out (data.on_corrupt=skip)
+                      "train_seconds": 0.0, "ended_early": False, "world_size": backend.world, "task": {},
+                      "settings": settings_fingerprint(config) if config is not None else None,
+                      "settings_changes": []}
         self.clock = TrainClock()
         self._rng_to_restore = None
+        self._changes: dict = {}  # settings changed on a forced resume: {key: [old, new]}
 
     # ---------------------------------------------------------------- one step
 
@@ -141,6 +146,8 @@ class Trainer:
                 save_config(self.config, self.out / "config.yaml")
         backend.barrier()  # no rank may see the stale STOP file the main rank just removed
         logger = RunLogger(self.out, backend.is_main, resumed_at=state["step"])
+        if self._changes:  # run.resume=force went on with changed settings: the metrics say so too
+            logger.event(state["step"], "resumed with changed settings", {"changes": self._changes})
         done = state["ended_early"] or state["step"] >= s.max_steps  # a longer max_steps continues a run
         if done:
             log_line(f"{self.out}: training already finished (step {state['step']}); writing the outputs again",
@@ -162,6 +169,7 @@ class Trainer:
                 metrics = self.step(batch)
                 state["epoch"], state["batch"] = divmod(state["micro"], s.batches_per_epoch)
                 window_images += len(batch["label"]) * backend.world
+                state["skipped_records"] += int(batch.get("skipped", 0))
                 if metrics.get("skipped"):
                     self._count_nan()
                     continue
@@ -174,7 +182,8 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     metrics.update({"train/lr": self.schedule.get_last_lr()[0],
                                     "train/images_per_s": window_images / max(elapsed, 1e-9),
-                                    "train/memory_gib": self._memory_gib(), "train/skipped_total": state["nan_total"]})
+                                    "train/memory_gib": self._memory_gib(), "train/skipped_total": state["nan_total"],
+                                    "data/skipped_records": state["skipped_records"]})
                     logger.scalars(step, metrics)
                     progress.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items()
                                           if k.startswith("loss") or k == "train/loss"})
@@ -252,7 +261,7 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        if self.settings.resume != "auto":
+        if self.settings.resume not in ("auto", "force"):
             return
         found = self.checkpointer.newest_intact()
         if found is None:
@@ -263,6 +272,7 @@ class Trainer:
         _, folder = found
         backend = self.backend
         saved = read_state(folder)
+        self._check_settings(folder, saved)
         backend.load(folder, self.model, self.optimizer)
         self.schedule.load_state_dict(load_torch(folder / SCHEDULE))
         if self.ema is not None:
@@ -273,7 +283,12 @@ class Trainer:
             for i, param in enumerate(self.ema.shadow_params):
                 param.data.copy_(shadow[str(i)].to(param.device))
             self.ema.optimization_step = saved["step"]  # the EMA warm-up depends on the step count
-        self.state.update({k: v for k, v in saved.items() if k in self.state})
+        current = self.state["settings"]
+        self.state.update({k: v for k, v in saved.items() if k in self.state and k != "settings"})
+        self.state["settings"] = current
+        if self._changes:
+            self.state["settings_changes"] = [*self.state["settings_changes"],
+                                              {"step": saved["step"], "changes": self._changes}]
         self.task.load_state_dict(saved.get("task") or {})
         same_world = saved.get("world_size") == backend.world
         if not same_world:
@@ -284,3 +299,24 @@ class Trainer:
         self.state["world_size"] = backend.world
         log_line(f"resumed from {folder} at step {self.state['step']} (epoch {self.state['epoch']}, batch "
                  f"{self.state['batch']})", backend.is_main)
+
+    def _check_settings(self, folder: Path, saved: dict) -> None:
+        """Refuse to resume with settings that change what is trained (run.resume=force: record them)."""
+        current = self.state["settings"]
+        if current is None:
+            return
+        if not isinstance(saved.get("settings"), dict):
+            log_line(f"note: {folder} records no settings (written by an older fadscale): the config is not "
+                     "compared", self.backend.is_main)
+            return
+        self._changes = changed_settings(saved["settings"], current)
+        if not self._changes:
+            return
+        what = describe_changes(self._changes)
+        if self.settings.resume != "force":
+            raise FadscaleError(
+                f"{self.out}: the config differs from the one this run was trained with ({what}); these change "
+                "what is trained: choose a new run.out_dir to start a new run, or set run.resume=force to continue "
+                "this one (the change is recorded in its checkpoints, metrics and card)")
+        log_line(f"warning: run.resume=force: continuing {self.out} with changed settings ({what}); recorded",
+                 self.backend.is_main)
