@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fadscale.objective import cosine_alignment_loss
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 
 
 class FeatureTap:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fadscale.runtime.io import FadscaleError, atomic_write_json, read_json
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import atomic_write_json, read_json
 
 HEAD_FILE = "fad_head.safetensors"  # final/: the conditioning table and the projector, beside the UNet folders
 

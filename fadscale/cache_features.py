@@ -35,7 +35,8 @@ from fadscale.models.expert import expert_input, load_expert, read_card
 from fadscale.models.vae import load_vae
 from fadscale.runtime.distributed import barrier, detect_world, init_distributed
 from fadscale.runtime.entry import run_entry
-from fadscale.runtime.io import FadscaleError, atomic_write_json, read_json, sha256_file
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import atomic_write_json, read_json, sha256_file
 from fadscale.runtime.lock import RunLock
 from fadscale.runtime.logging import log_line
 

@@ -18,7 +18,8 @@ from typing import Optional
 import typer
 
 from fadscale import __version__
-from fadscale.runtime.io import FadscaleError, disk_full_message, file_error
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import disk_full_message, file_error
 
 app = typer.Typer(
     name="fadscale",
@@ -57,39 +58,41 @@ def _one_line_errors(output: Path):
         _fail(FadscaleError(line))
 
 
-def _launch(module: str, config: Optional[Path], overrides: list[str] | None, nproc: int, launcher: str,
+def _launch(command: str, config: Optional[Path], overrides: list[str] | None, nproc: int,
             extra: list[str] = ()) -> None:
-    """Run `python -m fadscale.<module>` (nproc 1) or under a launcher (nproc > 1); exit with its code."""
-    raise typer.Exit(_run_stage(module, config, overrides, nproc, launcher, extra))
+    """Run the stage's module (nproc 1) or under its launcher (nproc > 1); exit with its code."""
+    raise typer.Exit(_run_stage(command, config, overrides, nproc, extra))
 
 
-def _checked(module: str, config: Optional[Path], overrides: list[str] | None):
+def _checked(command: str, config: Optional[Path], overrides: list[str] | None):
     """The stage's config, validated here (pydantic and yaml only: a typo is answered in a second, before
     the stage's process imports torch and diffusers)."""
-    from fadscale import config as configs
+    from fadscale.config import load_config
+    from fadscale.stages import config_class, stage
 
-    model = {"train_expert": configs.ExpertConfig, "cache_features": configs.FadConfig, "train_fad": configs.FadConfig,
-             "sample": configs.SampleConfig, "evaluate": configs.EvaluateConfig}[module]
     try:
-        return configs.load_config(model, config, list(overrides or []))
+        return load_config(config_class(stage(command)), config, list(overrides or []))
     except FadscaleError as exc:
         _fail(exc)
 
 
-def _run_stage(module: str, config: Optional[Path], overrides: list[str] | None, nproc: int, launcher: str,
+def _run_stage(command: str, config: Optional[Path], overrides: list[str] | None, nproc: int,
                extra: list[str] = ()) -> int:
-    """`python -m fadscale.<module>` in a child process (under a launcher when nproc > 1); its exit code."""
-    cfg = _checked(module, config, overrides)
+    """The stage's `python -m <module>` in a child process (under its launcher when nproc > 1); its exit code."""
+    from fadscale.stages import stage
+
+    cfg = _checked(command, config, overrides)
+    spec = stage(command)
     args = (["--config", str(config)] if config else []) + [a for o in overrides or [] for a in ("--set", o)]
     args += list(extra)
     if nproc <= 1:
-        cmd = [sys.executable, "-m", f"fadscale.{module}", *args]
-    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", spec.module, *args]
+    elif spec.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", f"fadscale.{module}", *args]
+               "-m", spec.module, *args]
     else:  # accelerate on CPU needs --multi_gpu for several processes (--cpu forces one)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
-               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", f"fadscale.{module}", *args]
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", spec.module, *args]
     # The stage runs in its own process group, which gets every stop signal the CLI gets (Ctrl-C as
     # SIGTERM: the trainers checkpoint and exit 0 on it), and dies with the CLI (PR_SET_PDEATHSIG), so
     # killing `fadscale` never leaves a stage running unseen.
@@ -108,12 +111,12 @@ def _run_stage(module: str, config: Optional[Path], overrides: list[str] | None,
             signal.signal(sig, handler)
     if code < 0:  # ended by a signal: without this line the user sees nothing at all
         # On a line of its own: the killed stage's progress bar may have left its line unfinished.
-        typer.echo(f"\nerror: {_killed_message(module, cfg, -code)}", err=True)
+        typer.echo(f"\nerror: {_killed_message(command, cfg, -code)}", err=True)
         return 128 - code
     return code
 
 
-def _killed_message(module: str, cfg, signum: int) -> str:
+def _killed_message(command: str, cfg, signum: int) -> str:
     """What ended the stage, what that usually means, and where its run stands."""
     try:
         name = signal.Signals(signum).name
@@ -125,7 +128,7 @@ def _killed_message(module: str, cfg, signum: int) -> str:
         signal.SIGSEGV: "a crash inside a native library",
         signal.SIGBUS: "often a full /dev/shm (DataLoader workers): lower data.workers",
     }.get(signum, "sent by another process or the system")
-    if module in ("train_fad", "train_expert"):
+    if command in ("train", "train-expert"):
         from fadscale.training.checkpoint import list_checkpoints
 
         found = list_checkpoints(Path(cfg.run.out_dir) / "checkpoints")
@@ -133,7 +136,7 @@ def _killed_message(module: str, cfg, signum: int) -> str:
                  if found else f"{cfg.run.out_dir} has no checkpoint yet: the same command starts over")
     else:
         state = "its output was not written (nothing half-written is left in its place): run it again"
-    return f"the {module} stage was ended by {name} ({meaning}); {state}"
+    return f"`fadscale {command}` was ended by {name} ({meaning}); {state}"
 
 
 def _die_with_parent():
@@ -228,7 +231,7 @@ def train_expert(
 
     Example: fadscale train-expert --config configs/tiny/expert.yaml --nproc 2 --set data.subset=B
     """
-    _launch("train_expert", config, overrides, nproc, "torchrun")
+    _launch("train-expert", config, overrides, nproc)
 
 
 @app.command("cache-features")
@@ -242,7 +245,7 @@ def cache_features(
 
     Example: fadscale cache-features --config configs/fad.yaml
     """
-    _launch("cache_features", config, overrides, nproc, "accelerate", ["--overwrite"] if overwrite else [])
+    _launch("cache-features", config, overrides, nproc, ["--overwrite"] if overwrite else [])
 
 
 @app.command("train")
@@ -259,13 +262,13 @@ def train(
     """
     from fadscale.config import uses_cache
 
-    cfg = _checked("train_fad", config, overrides)
+    cfg = _checked("train", config, overrides)
     if uses_cache(cfg) and not (Path(cfg.cache.dir) / "manifest.json").is_file():
         typer.echo(f"feature cache {cfg.cache.dir} missing: building it first", err=True)
-        code = _run_stage("cache_features", config, overrides, nproc, "accelerate")
+        code = _run_stage("cache-features", config, overrides, nproc)
         if code != 0:
             raise typer.Exit(code)
-    _launch("train_fad", config, overrides, nproc, "accelerate")
+    _launch("train", config, overrides, nproc)
 
 
 @app.command("sample")
@@ -278,7 +281,7 @@ def sample(
 
     Example: fadscale sample --config configs/tiny/sample.yaml --set sample.per_class=16
     """
-    _launch("sample", config, overrides, nproc, "accelerate")
+    _launch("sample", config, overrides, nproc)
 
 
 @app.command("evaluate")
@@ -290,7 +293,7 @@ def evaluate(
 
     Example: fadscale evaluate --config configs/tiny/evaluate.yaml
     """
-    _launch("evaluate", config, overrides, 1, "")
+    _launch("evaluate", config, overrides, 1)
 
 
 @app.command("export")
@@ -312,7 +315,7 @@ def export(
 
 @app.command("submit")
 def submit(
-    stage: str = typer.Argument(..., help="expert, cache, train or sample."),
+    stage: str = typer.Argument(..., help="train-expert (or expert), cache-features (or cache), train or sample."),
     config: Path = typer.Option(..., "--config", "-c", help="The stage's YAML config."),
     nodes: int = typer.Option(1, help="Nodes."),
     gpus_per_node: int = typer.Option(1, help="GPUs per node (processes per node with --cpu)."),
@@ -349,17 +352,20 @@ app.add_typer(config_app, name="config")
 
 
 @config_app.command("show")
-def config_show(stage: str = typer.Argument(..., help="expert, fad (also vanilla), sample or evaluate.")) -> None:
+def config_show(stage: str = typer.Argument(..., help="The command whose config to show: train-expert, cache-features, "
+                                            "train, sample or evaluate.")) -> None:
     """Print every key of STAGE's config with its default and what it means, as YAML you can edit and pass
     to --config.
 
-    Example: fadscale config show fad > my-fad.yaml
+    Example: fadscale config show train > my-fad.yaml
     """
-    from fadscale.config import STAGE_CONFIGS, describe_config
+    from fadscale.config import describe_config
+    from fadscale.stages import config_class, stage as find_stage
 
-    model = STAGE_CONFIGS.get("fad" if stage == "vanilla" else stage)
-    if model is None:
-        _fail(FadscaleError(f"config show {stage!r}: expected one of {', '.join(STAGE_CONFIGS)}"))
+    try:
+        model = config_class(find_stage(stage))
+    except FadscaleError as exc:
+        _fail(exc)
     typer.echo(describe_config(model), nl=False)
 
 
@@ -371,8 +377,8 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing demo folder."),
     quick: bool = typer.Option(False, "--quick", help="The smallest setting: every stage in a minute or two."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps per arm (default: the "
-                                        "recipe's 1,200), in proportionally more time; README, "
-                                        "'Longer training', has what 4,800 measured."),
+                                        "recipe's 1,200), in proportionally more time; docs/results/"
+                                        "procedural-demo.md has what 4,800 measured."),
     preset: str = typer.Option("cpu", "--preset", help="cpu: the CPU-sized recipe; gpu: tiny-sd's UNet at 64 px "
                                "(needs a CUDA GPU)."),
     grayscale: bool = typer.Option(False, "--grayscale", help="Train and judge grey tiles (the reference's "

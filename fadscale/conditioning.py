@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fadscale.runtime.io import FadscaleError, save_safetensors
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import save_safetensors
 
 CONDITIONING_FILE = "conditioning.safetensors"
 

@@ -18,7 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
-from fadscale.runtime.io import FadscaleError, atomic_write_text
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import atomic_write_text
 
 
 class Section(BaseModel):
@@ -170,8 +171,8 @@ class AlignSection(Section):
     until_step: int | None = Field(None, ge=0, description="alignment stops after this step")
     repa_hidden: int = Field(512, ge=1, description="hidden width of the repa projector MLP")
     center_target: bool = Field(False, description="seed projector: centre the expert features, no bias: no "
-                                "constant target to collapse onto; it can still collapse to rank one (measured, "
-                                "README) (off: the reference)")
+                                "constant target to collapse onto; it can still collapse to rank one (measured: "
+                                "docs/results/fad-vs-vanilla-procedural.md) (off: the reference)")
 
 
 class FadTrainSection(Section):
@@ -698,9 +699,6 @@ def dump_config(config: BaseModel) -> str:
 def save_config(config: BaseModel, path: str | Path) -> None:
     """Every run saves its effective config (after overrides) beside its outputs; `load_config` reads it back."""
     atomic_write_text(path, dump_config(config))
-
-
-STAGE_CONFIGS = {"expert": ExpertConfig, "fad": FadConfig, "sample": SampleConfig, "evaluate": EvaluateConfig}
 
 
 def describe_config(model: type[BaseModel]) -> str:

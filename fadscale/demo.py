@@ -19,7 +19,8 @@ from fadscale.evaluate import report_value
 from fadscale.data.download import DATASETS, fetch, is_named_dataset
 from fadscale.data.sources import holds_colour
 from fadscale.pipeline import Plan, recipe_steps, run_pipeline, stage_names
-from fadscale.runtime.io import FadscaleError, atomic_write_bytes, atomic_write_text
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import atomic_write_bytes, atomic_write_text
 from fadscale.runtime.logging import log_line, read_metrics
 from fadscale.training.backend import resolve_precision
 
@@ -32,7 +33,7 @@ EXPECTED_SECONDS = {
                  "train vanilla": 310, "sample vanilla": 26, "evaluate vanilla": 28,
                  "train fad": 320, "sample fad": 26, "evaluate fad": 28},
 }
-# The demo's sampler and learning-curve cadence (README, "Class-faithful tiles", for what they buy).
+# The demo's sampler and learning-curve cadence (docs/results/recipe.md, for what they buy).
 SAMPLER = {"sample__scheduler": "dpm++", "sample__steps": 25}
 EVAL_EVERY = 100
 # For the ETA on a CPU without native bf16 (the UNets train in fp32): training seconds per arm measured on
@@ -296,7 +297,7 @@ def collapse_note(runs: dict[str, Path]) -> str | None:
     if share >= COLLAPSE_WARNING:
         text += (" WARNING: the target has collapsed, so the alignment loss asks almost nothing tile-specific of "
                  "the UNet. The repa projector (a fixed target: the expert's own map) cannot collapse; "
-                 "align.center_target=true alone does not prevent it (README, \"Does FAD help?\").")
+                 "align.center_target=true alone does not prevent it (docs/results/fad-vs-vanilla-procedural.md).")
     return text
 
 
@@ -372,7 +373,7 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
     md += [f"\nAlignment expert ({alignment_card['arch']}, split A) val accuracy: {alignment_card['val_accuracy']:.3f}; "
            f"evaluator ({evaluator_card['arch']}, split B): {evaluator_card['val_accuracy']:.3f}.\n",
            "One seed of a demo-sized run shows what the pipeline makes; it is not evidence for or against FAD: "
-           "tools/bench_quality.py runs the seeded experiment (README).\n",
+           "tools/bench_quality.py runs the seeded experiment (docs/results/fad-vs-vanilla-procedural.md).\n",
            *([collapse + "\n"] if collapse else []),
            "## Per class\n", ORIENTATION_NOTE + "\n",
            "| " + " | ".join(class_header) + " |", "|" + "---|" * len(class_header)]
@@ -466,7 +467,7 @@ def demo_plan(out: Path, data: str | None = None, quick: bool = False, steps: in
     `quick`: the smallest setting (a smoke test of every stage in about a minute): 96 tiles, 1 expert
     epoch, the cpu-tiny UNet for 6 steps (two learning-curve points), 3 samples per class, no utility
     classifiers. `steps`: training steps per arm instead of the recipe's (1,200), in proportionally more
-    time (README, "Longer training", for what 4,800 measured: a lower Frechet distance, a lower
+    time (docs/results/procedural-demo.md, "Longer training", for what 4,800 measured: a lower Frechet distance, a lower
     generation accuracy); learning-curve points stay about a dozen per run."""
     plan = Plan(out=out, source=str(Path(data).resolve()) if data else Plan.source, eval_every=EVAL_EVERY,
                 sample_overrides=dict(SAMPLER))

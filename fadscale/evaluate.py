@@ -47,7 +47,8 @@ from fadscale.data.shard import load_manifest
 from fadscale.metrics import accuracy_from_confusion, confusion_matrix, ssim_diversity
 from fadscale.models.expert import load_expert, read_card
 from fadscale.runtime.entry import run_entry
-from fadscale.runtime.io import FadscaleError, atomic_output_dir, git_commit
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import atomic_output_dir, git_commit
 from fadscale.runtime.logging import log_line
 
 __all__ = ["EvaluateConfig", "evaluate", "evaluate_samples", "report_value", "load_real_tiles", "load_sample_set"]

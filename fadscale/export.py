@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_text, write_checksums
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import atomic_output_dir, atomic_write_text, write_checksums
 
 PIPELINE_FILE = "fadscale_pipeline.py"
 PIPELINE_CLASS = "FadscalePipeline"

@@ -40,43 +40,29 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Iterable
 
 import yaml
 
+from fadscale.errors import FadscaleError
 from fadscale.resources import shipped
-from fadscale.runtime.io import FadscaleError, atomic_write_text
+from fadscale.runtime.io import atomic_write_text
+from fadscale.stages import Stage, stage as stage_named
 
 LAUNCH_DIR = shipped("launch")  # launch/ of the source tree, or its copy inside the installed package
 SBATCH_TEMPLATE = LAUNCH_DIR / "slurm" / "job.sbatch"
 ACCELERATE_DIR = LAUNCH_DIR / "accelerate"
 
 
-@dataclass(frozen=True)
-class Stage:
-    module: str
-    launcher: str  # "torchrun" or "accelerate"
-
-
-STAGES: dict[str, Stage] = {
-    "expert": Stage("fadscale.train_expert", "torchrun"),
-    "cache": Stage("fadscale.cache_features", "accelerate"),
-    "train": Stage("fadscale.train_fad", "accelerate"),
-    "sample": Stage("fadscale.sample", "accelerate"),
-}
-
 # Default CPUs per srun task (= per node) on GPU nodes, per GPU; override with cpus_per_task.
 CPUS_PER_GPU = 8
 _SAFE_PATH = re.compile(r"^[^\s'\"\\$`]+$")
 
 
-def _stage(stage: str) -> Stage:
-    if stage not in STAGES:
-        raise FadscaleError(f"unknown stage {stage!r}: expected one of {', '.join(STAGES)}")
-    return STAGES[stage]
+def _stage(name: str) -> Stage:
+    return stage_named(name, multi_process=True)
 
 
 def _override(overrides: Iterable[str], key: str) -> str | None:
@@ -339,7 +325,7 @@ def render_sbatch(
         python=python or sys.executable,
         module=module,
     )
-    spec = STAGES[stage]
+    spec = _stage(stage)
     template = Template(SBATCH_TEMPLATE.read_text(encoding="utf-8"))
     return template.substitute(
         stage=stage,
@@ -360,23 +346,23 @@ def render_sbatch(
 
 def stage_config(stage: str, config: str | Path, overrides: Iterable[str] = ()):
     """The stage's validated config (a one-line FadscaleError names the file or --set at fault)."""
-    from fadscale.config import ExpertConfig, FadConfig, SampleConfig, load_config
+    from fadscale.config import load_config
+    from fadscale.stages import config_class
 
-    model = {"expert": ExpertConfig, "cache": FadConfig, "train": FadConfig, "sample": SampleConfig}[stage]
-    return load_config(model, config, list(overrides))
+    return load_config(config_class(_stage(stage)), config, list(overrides))
 
 
 def check_inputs(stage: str, config: str | Path, overrides: Iterable[str] = ()) -> None:
     """What a job needs before it starts and would otherwise fail on: the train stage reads the feature
     cache, which the cache stage builds (submit that first; a job does not start another stage)."""
-    if stage != "train":
+    if _stage(stage).command != "train":
         return
     from fadscale.config import uses_cache
 
     cfg = stage_config(stage, config, overrides)
     if uses_cache(cfg) and not (Path(cfg.cache.dir) / "manifest.json").is_file():
         raise FadscaleError(f"feature cache {cfg.cache.dir} missing: submit the cache stage first "
-                            f"(fadscale submit cache --config {config} ...), then this one")
+                            f"(fadscale submit cache-features --config {config} ...), then this one")
 
 
 def submit(stage: str, config: str | Path, *, dry_run: bool = False, **options) -> tuple[str, str | None]:

@@ -20,7 +20,7 @@ from typing import Callable
 
 from fadscale.config import ExpertConfig, FadConfig, load_config
 from fadscale.resources import shipped
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 from fadscale.runtime.logging import log_line
 
 def tiny_config(model, name: str, overrides: list[str], recipe: str = "tiny"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 
 _PACKAGE = Path(__file__).resolve().parent
 

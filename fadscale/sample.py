@@ -45,7 +45,8 @@ from fadscale import __version__
 from fadscale.artifacts import HEAD_FILE, RUN_CARD, SAMPLE_MANIFEST
 from fadscale.config import SampleConfig, build_config, save_config, with_settings
 from fadscale.runtime.entry import run_entry
-from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_json, checksum_problems, git_commit
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import atomic_output_dir, atomic_write_json, checksum_problems, git_commit
 from fadscale.runtime.logging import log_line
 from fadscale.sampling import generate, grid, make_scheduler, to_uint8
 

@@ -36,7 +36,8 @@ from fadscale.data.shard import load_manifest
 from fadscale.models.expert import Expert, load_initial_weights, save_expert
 from fadscale.runtime.distributed import all_reduce_sum
 from fadscale.runtime.entry import run_entry
-from fadscale.runtime.io import FadscaleError, git_commit, save_safetensors, sha256_file
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import git_commit, save_safetensors, sha256_file
 from fadscale.runtime.logging import log_line
 from fadscale.runtime.schedule import make_scheduler
 from fadscale.training.backend import Backend, DDPBackend

@@ -38,7 +38,8 @@ from fadscale.models.unet import build_unet, count_parameters, get_module, probe
 from fadscale.models.vae import vae_scaling_factor
 from fadscale.objective import add_noise, min_snr_weights, noise_loss, step_generator, total_loss
 from fadscale.runtime.entry import run_entry
-from fadscale.runtime.io import FadscaleError, atomic_output_dir, foreign_entries, git_commit, write_checksums
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import atomic_output_dir, foreign_entries, git_commit, write_checksums
 from fadscale.runtime.logging import log_line, read_metrics
 from fadscale.runtime.schedule import make_scheduler
 from fadscale.sampling import generate, grid, make_scheduler as make_sampler, noise_config

@@ -15,7 +15,7 @@ from fadscale.config import dump_config
 from fadscale.data.loader import apply_view, decode_image
 from fadscale.data.shard import shard_urls
 from fadscale.models.expert import expert_input, load_expert
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 from tests.conftest import fad_config, run_module
 
 

@@ -130,7 +130,7 @@ def test_an_installed_package_renders_a_slurm_script(installed, tmp_path):
 
 def test_overwrite_replaces_only_an_earlier_demo_and_never_the_data(tmp_path):
     from fadscale.demo import run_demo
-    from fadscale.runtime.io import FadscaleError
+    from fadscale.errors import FadscaleError
 
     out = tmp_path / "out"
     out.mkdir()
@@ -178,7 +178,7 @@ def test_the_stage_clock_reports_with_and_without_expected_costs(capsys):
 def test_steps_sets_each_arms_training_length_and_keeps_a_dozen_curve_points(tmp_path):
     from fadscale.demo import EVAL_EVERY, demo_plan, run_demo
     from fadscale.pipeline import arm_config
-    from fadscale.runtime.io import FadscaleError
+    from fadscale.errors import FadscaleError
 
     default = demo_plan(tmp_path / "out")
     recipe = arm_config(default, "vanilla").train.max_steps
@@ -201,7 +201,7 @@ def test_colour_tiles_take_the_real_tile_recipe_and_the_gpu_preset_needs_a_gpu(t
 
     from fadscale.demo import demo_plan, run_demo
     from fadscale.pipeline import arm_config
-    from fadscale.runtime.io import FadscaleError
+    from fadscale.errors import FadscaleError
 
     rng = np.random.default_rng(0)
     for kind, mode in (("grey", "L"), ("stained", "RGB")):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fadscale.data.download import DATASETS, cache_root, fetch, is_named_dataset
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 
 KATHER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kather16"
 CLASSES = ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO"]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from fadscale.evaluate import evaluate_samples
 from fadscale.evaluation.inputs import export_real_tiles
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 
 from .conftest import run_module
 

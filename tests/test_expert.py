@@ -35,7 +35,8 @@ from fadscale.config import ExpertConfig, dump_config
 from fadscale.data.loader import batches_per_epoch, split_count
 from fadscale.models.expert import Expert, load_expert, load_initial_weights, read_card
 from fadscale.runtime.distributed import detect_world, first_host
-from fadscale.runtime.io import FadscaleError, sha256_file
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import sha256_file
 from fadscale.runtime.logging import read_metrics
 from fadscale.runtime.signals import StopRequest
 from tests.conftest import REPO, expert_config, run_module

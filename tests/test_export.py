@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from fadscale.cli import app
 from fadscale.export import export_run
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 from fadscale.sample import class_folder, image_seed, sample_config, sample_images
 
 from .conftest import make_latent_run

@@ -19,7 +19,7 @@ from fadscale.align import FeatureTap, build_projector
 from fadscale.conditioning import ClassConditioning
 from fadscale.config import dump_config
 from fadscale.models.unet import build_unet, probe_feature_shape
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 from fadscale.runtime.logging import read_metrics
 from fadscale.train_fad import FadModel, fad_trainer
 from tests.conftest import fad_config, run_module, train_fad

@@ -17,8 +17,10 @@ import pytest
 import yaml
 
 from fadscale import launch
-from fadscale.launch import STAGES, render_sbatch, submit
-from fadscale.runtime.io import FadscaleError
+from fadscale.launch import render_sbatch, submit
+from fadscale.stages import STAGES, stage
+from fadscale.stages import stage as find_stage
+from fadscale.errors import FadscaleError
 
 REPO = Path(__file__).resolve().parents[1]
 ACCEL = REPO / "launch" / "accelerate"
@@ -63,22 +65,29 @@ def bash_syntax_ok(text: str, tmp_path: Path) -> None:
 
 
 def test_stages_table():
-    assert set(STAGES) == {"expert", "cache", "train", "sample"}
-    assert STAGES["expert"].launcher == "torchrun" and STAGES["expert"].module == "fadscale.train_expert"
-    assert {STAGES[s].launcher for s in ("cache", "train", "sample")} == {"accelerate"}
-    assert STAGES["cache"].module == "fadscale.cache_features"
+    assert list(STAGES) == ["train-expert", "cache-features", "train", "sample", "evaluate"]
+    assert stage("expert") is STAGES["train-expert"] and stage("cache") is STAGES["cache-features"]
+    assert STAGES["train-expert"].launcher == "torchrun" and STAGES["train-expert"].module == "fadscale.train_expert"
+    assert {STAGES[s].launcher for s in ("cache-features", "train", "sample")} == {"accelerate"}
+    assert STAGES["cache-features"].module == "fadscale.cache_features"
     assert STAGES["train"].module == "fadscale.train_fad"
     assert STAGES["sample"].module == "fadscale.sample"
+    with pytest.raises(FadscaleError, match="expected one of train-expert, cache-features, train, sample$"):
+        stage("evaluate", multi_process=True)  # one process only: nothing to submit
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
+LAUNCHED = [name for name, spec in STAGES.items() if spec.launcher]
+
+
+@pytest.mark.parametrize("stage", ["expert", "cache", *LAUNCHED])
 @pytest.mark.parametrize("cpu", [False, True], ids=["gpu", "cpu"])
 def test_render_every_stage(stage: str, cpu: bool, config: Path, tmp_path: Path):
     text = render_sbatch(stage, config, nodes=2, gpus_per_node=4, cpu=cpu)
     cmd = shlex.split(launcher_of(text))
-    launcher = "torch.distributed.run" if STAGES[stage].launcher == "torchrun" else "accelerate.commands.launch"
+    spec = find_stage(stage)
+    launcher = "torch.distributed.run" if spec.launcher == "torchrun" else "accelerate.commands.launch"
     assert cmd[:3] == [sys.executable, "-m", launcher]
-    assert cmd[-4:] == ["-m", STAGES[stage].module, "--config", str(config.resolve())]
+    assert cmd[-4:] == ["-m", spec.module, "--config", str(config.resolve())]
     assert ("--gpus-per-node" in sbatch_lines(text)) != cpu
     assert "$" not in "".join(l for l in text.splitlines() if l.startswith("#SBATCH"))
     bash_syntax_ok(text, tmp_path)

@@ -29,7 +29,8 @@ from fadscale.data.loader import (
     train_loader,
 )
 from fadscale.data.shard import load_manifest, shard_dataset, shard_urls
-from fadscale.runtime.io import FadscaleError, atomic_write_json, sha256_file
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import atomic_write_json, sha256_file
 
 from .conftest import run_module
 

@@ -19,7 +19,7 @@ from fadscale.data.procedural import (
     main,
     parse_spec,
 )
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 
 LABELS = np.arange(96) % len(CLASS_NAMES)
 # sha256 of generate_tiles(np.arange(16) % 8, size=32, seed=7): see test_golden_hash.

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from fadscale.config import load_config
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 from fadscale.sample import SampleConfig, image_seed, sample_config, sample_images, work_batches
 
 from .conftest import make_latent_run, run_module

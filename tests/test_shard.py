@@ -34,7 +34,8 @@ from fadscale.data.shard import (
     val_count,
 )
 from fadscale.data.sources import SourceItem
-from fadscale.runtime.io import FadscaleError, sha256_file
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import sha256_file
 
 KATHER = Path(__file__).resolve().parents[1].parent / "shared/data/kather16-sample"
 KATHER_COUNTS = {"TUMOR": 17, "STROMA": 13, "COMPLEX": 22, "LYMPHO": 11, "DEBRIS": 14, "MUCOSA": 15,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 from fadscale.runtime.logging import read_metrics
 from tests.conftest import expert_config, fad_config, train_fad
 

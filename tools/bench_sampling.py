@@ -16,7 +16,7 @@ Each row also shows the most "other load" any of its calls saw (CPUs busy outsid
 /proc/stat): on a shared 2-core machine a neighbour's burst slows 2 threads several-fold.
 The compiled arm is `torch.compile(unet)` (inductor) and its first call, the compile, is reported apart.
 DDPM-1000 (the reference's sampler: one UNet call per training step, per-image noise) runs once on
---ddpm-batch images (it is 40x slower). Quality at equal settings comes from tools/bench_quality.py (README).
+--ddpm-batch images (it is 40x slower). Quality at equal settings comes from tools/bench_quality.py (docs/results/fad-vs-vanilla-procedural.md).
 
 The last line printed is one JSON object with every number.
 """

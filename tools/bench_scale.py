@@ -36,7 +36,7 @@ GB/s (H100/H200 NVLink all-reduce bus bandwidth at 25-100 MiB messages; nccl-tes
 --inter-busbw 50 GB/s per GPU (one 400 Gb/s InfiniBand NIC per GPU, 8 per node, at line rate: an upper
 bound), --intra-latency-us 2 and --inter-latency-us 5 per ring step. Step time: --step-s 0.37 (173.1
 img/s at batch 64 bf16, tiny-sd FAD step with the cache on one H200, the figure issue 15 quotes; it is not
-in this checkout's README and was not measured here).
+in this checkout's docs and was not measured here).
 
 The check (this machine, CPU): gloo all-reduce between 2 local processes at several sizes, fitted to
 latency + bytes / bandwidth; then a plain DDP step (the cpu-base UNet with the class embedding and token

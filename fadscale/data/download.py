@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 
 # name -> (url, md5, file name in the cache)
 DATASETS: dict[str, tuple[str, str, str]] = {

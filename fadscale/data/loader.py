@@ -47,7 +47,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from fadscale.data.shard import load_manifest, shard_urls
-from fadscale.runtime.io import FadscaleError, sha256_file
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import sha256_file
 from fadscale.runtime.logging import log_line
 
 NUM_VIEWS = 8

@@ -35,7 +35,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from fadscale.runtime.io import FadscaleError, atomic_write_bytes
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import atomic_write_bytes
 
 CLASS_NAMES: tuple[str, ...] = (
     "TUMOR", "STROMA", "COMPLEX", "LYMPHO", "DEBRIS", "MUCOSA", "ADIPOSE", "EMPTY",

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from fadscale import __version__
 from fadscale.data.sources import SourceItem, Unreadable, open_source
-from fadscale.runtime.io import FadscaleError, atomic_output_dir, atomic_write_json, read_json, sha256_file
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import atomic_output_dir, atomic_write_json, read_json, sha256_file
 
 FORMAT = "fadscale-shards"
 FORMAT_VERSION = 1

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 
 # A tile is a few hundred KB at most; anything far larger is a whole-slide image or a zip bomb
 # member, and is refused before it is read into memory.

@@ -12,10 +12,10 @@ from torch import nn
 
 from fadscale.evaluation.inputs import evaluator_outputs, load_real_tiles, stack_tiles
 from fadscale.metrics import frechet_distance, kernel_distance, orientation_coherence, precision_recall
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 
 if TYPE_CHECKING:
-    from fadscale.evaluate import MetricsSection
+    from fadscale.config import MetricsSection
 
 
 def feature_distances(fake: torch.Tensor, real: torch.Tensor, m: MetricsSection, seed: int) -> dict:

@@ -16,13 +16,14 @@ from fadscale.artifacts import SAMPLE_MANIFEST
 from fadscale.data.loader import eval_loader
 from fadscale.data.shard import load_manifest
 from fadscale.models.expert import expert_input, read_card, shared_training_tiles
-from fadscale.runtime.io import FadscaleError, atomic_output_dir
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import atomic_output_dir
 from fadscale.sample import FORMAT_VERSION as SAMPLES_VERSION, MANIFEST, SAMPLES_DIR, class_dir_name, class_folder, \
     png_bytes, read_sample_manifest
 from fadscale.sampling import to_uint8
 
 if TYPE_CHECKING:
-    from fadscale.evaluate import EvaluateConfig
+    from fadscale.config import EvaluateConfig
 
 NOT_CLASS_DIRS = {"grids", "shards", "images"}
 

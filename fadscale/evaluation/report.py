@@ -14,7 +14,7 @@ from fadscale.runtime.io import atomic_write_text
 from fadscale.sample import class_dir_name, write_grid
 
 if TYPE_CHECKING:
-    from fadscale.evaluate import EvaluateConfig
+    from fadscale.config import EvaluateConfig
 
 
 def json_safe(value):

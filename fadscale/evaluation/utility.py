@@ -21,7 +21,7 @@ from fadscale.evaluation.inputs import stack_tiles
 from fadscale.metrics import accuracy_from_confusion, confusion_matrix
 
 if TYPE_CHECKING:
-    from fadscale.evaluate import EvaluateConfig
+    from fadscale.config import EvaluateConfig
 
 
 class TinyCNN(nn.Module):

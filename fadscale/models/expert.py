@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fadscale.artifacts import EXPERT_CARD
-from fadscale.runtime.io import FadscaleError, save_safetensors, sha256_file
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import save_safetensors, sha256_file
 
 WEIGHTS_NAME = "expert.safetensors"
-# expert.safetensors holds the backbone under timm's own keys (so timm loads it: README, "The expert") and
+# expert.safetensors holds the backbone under timm's own keys (so timm loads it: docs/usage.md, "The expert") and
 # this project's head under `fadscale_head.`; files of earlier versions prefix the backbone with `backbone.`.
 HEAD_PREFIX = "fadscale_head."
 WEIGHTS_LAYOUT = "timm backbone keys + fadscale_head.*"

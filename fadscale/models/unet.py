@@ -8,7 +8,7 @@ count growing between the second and third level, so the reference's aligned lay
 Class conditioning: besides the cross-attention tokens (the reference's one token per class), a UNet
 can carry a class embedding added to its timestep embedding (diffusers' `num_class_embeds`), with one
 extra row for the null class of classifier-free guidance. From scratch it is what makes the class
-matter (measured in the README: at CPU widths the one token alone leaves the class almost unused).
+matter (measured in docs/results/recipe.md: at CPU widths the one token alone leaves the class almost unused).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 
 _TINY_SD_BLOCKS = dict(
     down_block_types=("CrossAttnDownBlock2D",) * 3,
@@ -40,7 +40,7 @@ _CPU_BLOCKS = dict(
 # The demo's UNet: attention (self + the token's cross-attention) at the lowest level only (8x8 at 32 px),
 # where it is cheap and gives every pixel a global view; plain resnets above. At 32 px, batch 16, 2 threads
 # it trains at 0.23 s/step fp32, 0.18 s/step bf16 autocast (tools/bench_step.py) and reaches generation
-# accuracy above the evaluator's real-tile accuracy in 800 steps (README, "Class-faithful tiles").
+# accuracy above the evaluator's real-tile accuracy in 800 steps (docs/results/recipe.md).
 _CPU_BASE_BLOCKS = dict(
     _CPU_COMMON,
     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),

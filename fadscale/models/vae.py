@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 
 DEFAULT_SCALING = 0.18215  # SD 1.x, for a VAE config without scaling_factor
 

@@ -18,7 +18,7 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 
 
 @dataclass(frozen=True)

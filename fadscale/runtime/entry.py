@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 
 from fadscale.config import load_config
 from fadscale.runtime.distributed import set_cpu_threads, shutdown
-from fadscale.runtime.io import FadscaleError, disk_full_message, file_error
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import disk_full_message, file_error
 
 
 def run_entry(stage: str, config_cls, run: Callable[[object], int], argv: Sequence[str] | None = None,

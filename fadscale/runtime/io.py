@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from fadscale.errors import FadscaleError
 
-class FadscaleError(Exception):
-    """An error a user can act on: printed as one line, without a traceback, with a non-zero exit."""
+
 
 
 def file_error(exc: OSError) -> str:

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 
 LOCK_FILE = "run.lock"
 

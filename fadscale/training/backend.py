@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fadscale.runtime import distributed
-from fadscale.runtime.io import FadscaleError
+from fadscale.errors import FadscaleError
 from fadscale.runtime.logging import log_line
 
 MODEL_FILE = "model.safetensors"

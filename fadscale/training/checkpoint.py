@@ -24,7 +24,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from fadscale.runtime.io import CHECKSUMS, FadscaleError, checksum_problems, share_tree, write_checksums
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import CHECKSUMS, checksum_problems, share_tree, write_checksums
 from fadscale.runtime.logging import log_line
 
 STATE = "trainer_state.json"

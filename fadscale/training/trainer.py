@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from fadscale.config import save_config
-from fadscale.runtime.io import FadscaleError, atomic_write_json
+from fadscale.errors import FadscaleError
+from fadscale.runtime.io import atomic_write_json
 from fadscale.runtime.lock import RunLock
 from fadscale.runtime.logging import RunLogger, log_line
 from fadscale.runtime.signals import StopRequest
