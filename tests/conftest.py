@@ -111,6 +111,12 @@ def train_fad(cfg) -> None:
     assert fad_trainer(cfg).run() == 0
 
 
+def trained_fad_run(folder: Path, shards: Path, expert_card: Path, name: str = "run", **settings) -> Path:
+    """`folder/name`: a run trained in-process with `fad_config` settings (its cache in `folder/cache`)."""
+    train_fad(fad_config(shards, expert_card, folder / name, folder / "cache", **settings))
+    return folder / name
+
+
 @pytest.fixture(scope="session")
 def tiny_fad_run(tiny_shards, tiny_expert, tmp_path_factory) -> Path:
     """A tiny FAD run trained in-process for a few steps; returns its run folder (final/ inside)."""

@@ -22,7 +22,7 @@ from fadscale.models.unet import build_unet, probe_feature_shape
 from fadscale.errors import FadscaleError
 from fadscale.runtime.logging import read_metrics
 from fadscale.train_fad import FadModel, fad_trainer
-from tests.conftest import fad_config, run_module, train_fad
+from tests.conftest import fad_config, run_module, train_fad, trained_fad_run
 
 LAYER = "down_blocks.2.resnets.0.conv_shortcut"
 
@@ -513,9 +513,7 @@ DAMAGE_SETTINGS = dict(train__max_steps=6, checkpoint__every=3, align__enabled=F
 @pytest.fixture(scope="module")
 def uninterrupted_run(tiny_shards, tiny_expert, tmp_path_factory) -> Path:
     """A vanilla run of 6 steps with checkpoints at steps 3 and 6 (the damage cases copy them)."""
-    folder = tmp_path_factory.mktemp("uninterrupted")
-    train_fad(fad_config(tiny_shards, tiny_expert, folder / "full", folder / "cache", **DAMAGE_SETTINGS))
-    return folder / "full"
+    return trained_fad_run(tmp_path_factory.mktemp("uninterrupted"), tiny_shards, tiny_expert, "full", **DAMAGE_SETTINGS)
 
 
 @pytest.mark.parametrize("damage", ["model.safetensors", "optimizer.pt", "ema.safetensors", "rng-0.pt",

@@ -11,7 +11,7 @@ import pytest
 
 from fadscale.errors import FadscaleError
 from fadscale.runtime.logging import read_metrics
-from tests.conftest import expert_config, fad_config, train_fad
+from tests.conftest import expert_config, fad_config, train_fad, trained_fad_run
 
 SHORT = dict(train__max_steps=3, checkpoint__every=3, align__enabled=False)
 
@@ -19,9 +19,7 @@ SHORT = dict(train__max_steps=3, checkpoint__every=3, align__enabled=False)
 @pytest.fixture(scope="module")
 def three_step_run(tiny_shards, tiny_expert, tmp_path_factory) -> Path:
     """A vanilla run checkpointed at step 3 (each test resumes a copy of it)."""
-    folder = tmp_path_factory.mktemp("three")
-    train_fad(fad_config(tiny_shards, tiny_expert, folder / "run", folder / "cache", **SHORT))
-    return folder / "run"
+    return trained_fad_run(tmp_path_factory.mktemp("three"), tiny_shards, tiny_expert, **SHORT)
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
