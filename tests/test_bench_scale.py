@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 
-from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
 def scale():
-    spec = importlib.util.spec_from_file_location("bench_scale", REPO / "tools" / "bench_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tools import bench_scale
+
+    return bench_scale
 
 
 NET = {"gpus_per_node": 8, "intra_busbw": 150e9, "intra_latency": 2e-6, "inter_busbw": 50e9, "inter_latency": 5e-6}

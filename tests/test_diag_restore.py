@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,10 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("diag_restore", REPO / "tools" / "diag_restore.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tools import diag_restore
+
+    return diag_restore
 
 
 def test_restore_from_almost_no_noise_gives_the_tiles_back_and_from_more_noise_does_not(tiny_fad_run, tiny_shards):
