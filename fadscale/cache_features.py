@@ -29,7 +29,7 @@ from fadscale import __version__
 from fadscale.artifacts import CACHE_MANIFEST
 from fadscale.conditioning import CONDITIONING_FILE, class_prompts, encode_prompts, save_table
 from fadscale.config import FadConfig, needs_spatial
-from fadscale.data.loader import NUM_VIEWS, apply_view, check_shard, decode_image
+from fadscale.data.loader import DECODE_ERRORS, NUM_VIEWS, apply_view, check_shard, damaged, decode_image
 from fadscale.data.shard import load_manifest
 from fadscale.models.expert import expert_input, load_expert, read_card
 from fadscale.models.vae import load_vae
@@ -91,12 +91,8 @@ def _encode_shard(url: str, digest: str | None, out_path: Path, expert, card: di
     def decoded(sample: dict, channels: int, size: int) -> torch.Tensor | None:
         try:
             return decode_image(sample["png"], channels, size)
-        except (OSError, ValueError, SyntaxError) as exc:  # damaged image bytes
-            where = f"{url}: sample {sample['__key__']}: damaged record ({type(exc).__name__})"
-            if cfg.data.on_corrupt == "error":
-                raise FadscaleError(f"{where}; write the shard again, or set data.on_corrupt=skip to leave it out "
-                                    "of the cache") from None
-            log_line(f"warning: {where}: left out of the cache (data.on_corrupt=skip)")
+        except DECODE_ERRORS as exc:  # left out of the cache under data.on_corrupt=skip
+            damaged(f"{url}: sample {sample['__key__']}", type(exc).__name__, cfg.data.on_corrupt)
             return None
 
     def flush(writer: wds.TarWriter) -> int:

@@ -124,6 +124,18 @@ class DamagedRecord(Exception):
     """A record that does not decode, or decodes to non-finite values (message: what is wrong)."""
 
 
+DECODE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL and int() raise on damaged bytes
+
+
+def damaged(where: str, reason: str, on_corrupt: str) -> None:
+    """The damaged-record policy, for every reader of shards: "error" raises one line naming the record,
+    "skip" names it on stderr (the caller leaves it out)."""
+    if on_corrupt == "error":
+        raise FadscaleError(f"{where}: damaged record ({reason}); write the shard again, or set "
+                            "data.on_corrupt=skip to leave damaged records out")
+    log_line(f"warning: {where}: damaged record skipped ({reason})")
+
+
 _CHECKED: dict[str, str] = {}  # shard path -> the sha256 it had when this process checked it
 
 
@@ -153,10 +165,7 @@ def _to_sample(raw: dict, spec: StreamSpec, view: int) -> dict | None:
     try:
         return _decode(raw, spec, view, where)
     except DamagedRecord as exc:
-        if spec.on_corrupt == "error":
-            raise FadscaleError(f"{where}: damaged record ({exc}); write the shard again, or set "
-                                "data.on_corrupt=skip to leave damaged records out") from None
-        log_line(f"warning: {where}: damaged record skipped ({exc})")
+        damaged(where, str(exc), spec.on_corrupt)
         return None
 
 
@@ -166,7 +175,7 @@ def _decode(raw: dict, spec: StreamSpec, view: int, where: str) -> dict:
     try:
         image = decode_image(raw["png"], spec.channels, spec.image_size)
         label = int(raw["cls"])
-    except (OSError, ValueError, SyntaxError) as exc:  # what PIL and int() raise on damaged bytes
+    except DECODE_ERRORS as exc:
         raise DamagedRecord(f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}") from None
     sample = {
         "image": apply_view(image, view) if view else image,
@@ -301,12 +310,11 @@ def _tar_members(stream, url: str, select: Callable[[str], bool]) -> Iterator[di
                 padded -= len(chunk)
 
 
-def _shard_samples(url: str, select: Callable[[str], bool], spec: StreamSpec) -> Iterator[dict]:
+def _shard_samples(url: str, select: Callable[[str], bool], digest: str | None, on_corrupt: str) -> Iterator[dict]:
     """The samples of one shard, its checksum checked first: tar members grouped by key with WebDataset's
     group_by_keys. The file is closed when the generator ends or is closed (WebDataset's url_opener leaves
     that to the GC)."""
-    digests = dict(zip(spec.urls, spec.digests))
-    check_shard(url, digests.get(url), spec.on_corrupt)
+    check_shard(url, digest, on_corrupt)
     with contextlib.closing(wds.gopen(url)) as stream:
         yield from group_by_keys(_tar_members(stream, url, select))
 
@@ -314,11 +322,12 @@ def _shard_samples(url: str, select: Callable[[str], bool], spec: StreamSpec) ->
 def _resampled(spec: StreamSpec, rng: random.Random) -> Iterator[dict]:
     """Endless stream of samples from shards drawn with replacement, filtered to the subset."""
     select = _member_filter(spec.features)
+    digests = dict(zip(spec.urls, spec.digests))
     empty: set[str] = set()
     while True:
         url = rng.choice(spec.urls)
         kept = 0
-        shard = _shard_samples(url, select, spec)
+        shard = _shard_samples(url, select, digests.get(url), spec.on_corrupt)
         try:
             for sample in shard:
                 if in_subset(sample["__key__"], spec.subset, spec.subset_seed):
@@ -391,12 +400,12 @@ class EvalStream(IterableDataset):
         select = _member_filter(spec.features)
         chunk: list[dict] = []
         offset = 0
-        for url, count in zip(spec.urls, spec.counts):
+        for url, count, digest in zip(spec.urls, spec.counts, spec.digests or (None,) * len(spec.urls)):
             first, offset = offset, offset + count
             if offset <= start or first >= end:
                 continue
             index = first
-            shard = _shard_samples(url, select, spec)
+            shard = _shard_samples(url, select, digest, spec.on_corrupt)
             try:
                 for raw in shard:
                     if index >= end:

@@ -99,20 +99,24 @@ def write_checksums(folder: str | os.PathLike, names: list[str] | None = None, *
     atomic_write_json(folder / CHECKSUMS, {**extra, "files": {n: sha256_file(folder / n) for n in names}})
 
 
+def _listed(folder: Path) -> dict[str, str]:
+    """{file: sha256} from a folder's checksums.json (raises on a missing or malformed list)."""
+    files = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))["files"]
+    return dict(files.items())
+
+
 def checksum_problems(folder: str | os.PathLike, only: tuple[str, ...] | None = None) -> list[str] | None:
     """What is wrong with a folder's files against its checksums.json: [] when intact, None when it has no
     list (written by an older fadscale). `only`: check just the files under these names (a file or folder)."""
     folder = Path(folder)
-    listed = folder / CHECKSUMS
-    if not listed.is_file():
+    if not (folder / CHECKSUMS).is_file():
         return None
     try:
-        sums = json.loads(listed.read_text(encoding="utf-8"))["files"]
-        items = sorted(sums.items())
+        sums = _listed(folder)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return [f"{CHECKSUMS} unreadable ({type(exc).__name__})"]
     found = []
-    for name, digest in items:
+    for name, digest in sorted(sums.items()):
         if only is not None and not any(name == o or name.startswith(o.rstrip("/") + "/") for o in only):
             continue
         path = folder / name
@@ -128,8 +132,8 @@ def foreign_entries(folder: str | os.PathLike) -> list[str]:
     inside an output fadscale replaces as a whole); [] for a folder without the list."""
     folder = Path(folder)
     try:
-        files = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        files = _listed(folder)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
     ours = {name.split("/", 1)[0] for name in files} | {CHECKSUMS}
     return sorted(p.name for p in folder.iterdir() if p.name not in ours)

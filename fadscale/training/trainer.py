@@ -284,9 +284,7 @@ class Trainer:
             for i, param in enumerate(self.ema.shadow_params):
                 param.data.copy_(shadow[str(i)].to(param.device))
             self.ema.optimization_step = saved["step"]  # the EMA warm-up depends on the step count
-        current = self.state["settings"]
-        self.state.update({k: v for k, v in saved.items() if k in self.state and k != "settings"})
-        self.state["settings"] = current
+        self.state.update({k: v for k, v in saved.items() if k in self.state and k != "settings"})  # ours: current
         if self._changes:
             self.state["settings_changes"] = [*self.state["settings_changes"],
                                               {"step": saved["step"], "changes": self._changes}]
