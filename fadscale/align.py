@@ -7,7 +7,9 @@ Two projectors (architecture doc):
   expert features and drops the Linear's bias, so no constant target exists for it to collapse onto; the
   Linear can still learn a rank-one map (every target on one line), which `top_direction_share` shows.
 - `repa`: REPA (Yu et al. 2024). A small MLP (1x1 convs) maps the UNet feature at every location to the
-  expert's width; loss = 1 - cosine per location against the expert's spatial map resized to the UNet grid.
+  expert's width; loss = 1 - cosine per location against the expert's spatial map, on the coarser of the two
+  grids (the finer side averaged down; a map is never upsampled, which would invent detail the expert did
+  not see).
 """
 
 from __future__ import annotations
@@ -140,15 +142,18 @@ class RepaProjector(nn.Module):
 
     def forward(self, unet_feature: torch.Tensor, expert_map: torch.Tensor):
         prediction = self.mlp(unet_feature.to(self.mlp[0].weight.dtype))
-        return _cosine_loss(prediction, self.targets(expert_map, prediction.shape[-2:]))
+        grid = tuple(min(p, t) for p, t in zip(prediction.shape[-2:], expert_map.shape[-2:]))
+        if tuple(prediction.shape[-2:]) != grid:  # a coarser expert map: average the prediction onto its grid
+            prediction = F.adaptive_avg_pool2d(prediction, grid)
+        return _cosine_loss(prediction, self.targets(expert_map, grid))
 
     @staticmethod
     def targets(expert_map: torch.Tensor, grid: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
-        """The expert's map resized to the UNet's grid [B, D, h, w]: fixed, nothing learned in it."""
+        """The expert's map on the compared grid [B, D, h, w]: fixed, nothing learned in it. A finer map is
+        averaged down to the UNet's grid; a coarser one is never upsampled (the prediction is pooled instead)."""
         if grid is None or expert_map.shape[-2:] == tuple(grid):
             return expert_map.float()
-        return F.interpolate(expert_map.float(), size=tuple(grid), mode="bilinear", align_corners=False,
-                             antialias=True)
+        return F.adaptive_avg_pool2d(expert_map.float(), tuple(grid))
 
 
 def build_projector(kind: str, expert_dim: int, feature_shape: torch.Size, hidden: int, layer: str,

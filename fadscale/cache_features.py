@@ -49,6 +49,7 @@ def fingerprint(cfg: FadConfig, card: dict) -> dict:
         "expert_sha256": card["sha256"],
         "views": NUM_VIEWS,
         "spatial": needs_spatial(cfg),
+        "spatial_stage": cfg.align.expert_stage if needs_spatial(cfg) else None,
         "latent_vae": cfg.model.vae if cfg.model.space == "latent" else None,
         "latent_size": cfg.data.image_size if cfg.model.space == "latent" else None,
         "text_encoder": cfg.conditioning.text_encoder,
@@ -105,7 +106,7 @@ def _encode_shard(url: str, digest: str | None, out_path: Path, expert, card: di
         views = torch.stack([apply_view(tiles, v) for v in range(NUM_VIEWS)], dim=1).flatten(0, 1).to(device)
         x = expert_input(views, card)
         if spatial:
-            pooled, maps = expert.features_and_map(x)
+            pooled, maps = expert.features_and_map(x, cfg.align.expert_stage)
             maps = maps.float()
         else:
             pooled, maps = expert.features(x), None

@@ -56,7 +56,9 @@ class DataSection(Section):
     subset: Literal["all", "A", "B"] = Field(
         "all", description="A/B: a fixed half of the tiles (by key), disjoint from the other half"
     )
-    subset_seed: int = 0
+    subset_seed: int = Field(0, description="draws the A/B halves and the max_per_class tiles")
+    max_per_class: int | None = Field(None, ge=1, description="train on at most this many tiles per class of the "
+                                      "subset (a low-data regime), drawn by subset_seed; None: all")
     on_corrupt: Literal["error", "skip"] = Field(
         "error", description="a shard whose sha256 differs from its manifest, or a record that does not decode: "
         "error stops with the shard and key; skip leaves damaged records out (named on stderr, counted)")
@@ -166,10 +168,13 @@ class AlignSection(Section):
     weight: float = Field(1.0, ge=0)
     target: Literal["cached", "noisy-online", "noisy-reference"] = Field(
         "cached", description="cached: the expert's feature of the clean tile (same view), computed once; "
-        "noisy-online: of the noisy input, every step; noisy-reference: as the reference (noisy input in [0, 1], "
-        "not normalised, expert BatchNorm in train mode)")
+        "noisy-online: of the noisy input, every step; noisy-reference: as the reference (its x_t of the tile "
+        "in [0, 1] with the step's noise and timestep, at the tile's size, not normalised, BatchNorm in train mode)")
     until_step: int | None = Field(None, ge=0, description="alignment stops after this step")
     repa_hidden: int = Field(512, ge=1, description="hidden width of the repa projector MLP")
+    expert_stage: int | None = Field(None, ge=0, description="repa: align to the expert's map at this stage "
+                                     "(timm feature_info index; resnets 1-4 at strides 4-32), finer than the "
+                                     "last map without resizing the tile; None: the last map")
     center_target: bool = Field(False, description="seed projector: centre the expert features, no bias: no "
                                 "constant target to collapse onto; it can still collapse to rank one (measured: "
                                 "docs/results/fad-vs-vanilla-procedural.md) (off: the reference)")

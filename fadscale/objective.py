@@ -25,6 +25,7 @@ class Noised:
     timesteps: torch.Tensor  # [B] long
     target: torch.Tensor  # what the UNet predicts: the noise (epsilon) or the velocity (v)
     drop: torch.Tensor  # [B] bool: the class replaced by the null class (classifier-free guidance)
+    noise: torch.Tensor | None = None  # the noise mixed into the input (with any input perturbation)
 
 
 def add_noise(scheduler, clean: torch.Tensor, generator: torch.Generator, *, label_dropout: float = 0.0,
@@ -51,7 +52,15 @@ def add_noise(scheduler, clean: torch.Tensor, generator: torch.Generator, *, lab
         noised_with = noise + input_perturbation * torch.randn(clean.shape, generator=generator).to(device)
     noisy = scheduler.add_noise(clean, noised_with, timesteps)
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(clean, noise, timesteps)
-    return Noised(noisy, timesteps, target, drop)
+    return Noised(noisy, timesteps, target, drop, noised_with)
+
+
+def reference_noisy(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The noisy tile the reference's expert sees for the same clean tile, noise and timestep. The reference
+    diffuses pixels in [0, 1], so its x_t = sqrt(a) x0 + sqrt(1 - a) eps with x0 in [0, 1]: the full noise
+    amplitude around a [0, 1] tile, where (x_t + 1) / 2 of a [-1, 1] diffusion halves the noise and shifts it."""
+    alphas = scheduler.alphas_cumprod.to(clean.device, torch.float32)[timesteps].view(-1, *([1] * (clean.ndim - 1)))
+    return alphas.sqrt() * (clean.float() + 1) / 2 + (1 - alphas).sqrt() * noise.float()
 
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,

@@ -174,7 +174,7 @@ class ExpertTask:
         self.cfg, self.backend = cfg, backend
         self.out = Path(cfg.run.out_dir)
         self.manifest, self.classes = check_data(cfg)
-        samples = cfg.data.samples_per_epoch or split_count(cfg.data.shards, "train", cfg.data.subset)
+        samples = cfg.data.samples_per_epoch or split_count(cfg.data.shards, "train", cfg.data.subset, cfg.data.max_per_class)
         self.steps_per_epoch = batches_per_epoch(samples, cfg.data.batch_size, backend.world)
         self.best = {"best_accuracy": -1.0, "best_epoch": -1, "stale_epochs": 0, "best_confusion": None,
                      "early_stopped": False}
@@ -302,7 +302,7 @@ def write_outputs(cfg: ExpertConfig, out: Path, classes: list[str], state: dict,
         "steps_trained": state["step"],
         "batchnorm": "recomputed before each validation" if batchnorm_layers(model) else None,
         "data": {"shards": str(Path(cfg.data.shards).resolve()), "subset": cfg.data.subset,
-                 "subset_seed": cfg.data.subset_seed,
+                 "subset_seed": cfg.data.subset_seed, "max_per_class": cfg.data.max_per_class,
                  "manifest_sha256": sha256_file(Path(cfg.data.shards) / "manifest.json")},
         "config": cfg.model_dump(mode="json"),
         "settings_digest": digest(state["settings"]) if state.get("settings") else None,

@@ -36,7 +36,7 @@ from fadscale.learning_curve import GenerationProbe
 from fadscale.models.expert import expert_input, load_expert, read_card
 from fadscale.models.unet import build_unet, count_parameters, get_module, probe_feature_shape, uses_class_labels
 from fadscale.models.vae import vae_scaling_factor
-from fadscale.objective import add_noise, min_snr_weights, noise_loss, step_generator, total_loss
+from fadscale.objective import Noised, add_noise, min_snr_weights, noise_loss, reference_noisy, step_generator, total_loss
 from fadscale.runtime.entry import run_entry
 from fadscale.errors import FadscaleError
 from fadscale.runtime.io import atomic_output_dir, foreign_entries, git_commit, write_checksums
@@ -73,7 +73,7 @@ class FadModel(nn.Module):
 
 
 def loop_settings(cfg: FadConfig, source: str, world: int) -> LoopSettings:
-    samples = cfg.data.samples_per_epoch or split_count(source, "train", cfg.data.subset)
+    samples = cfg.data.samples_per_epoch or split_count(source, "train", cfg.data.subset, cfg.data.max_per_class)
     return LoopSettings(out_dir=Path(cfg.run.out_dir), seed=cfg.run.seed, resume=cfg.run.resume,
                         max_steps=cfg.train.max_steps,
                         batches_per_epoch=batches_per_epoch(samples, cfg.data.batch_size, world),
@@ -121,7 +121,7 @@ class FadTask:
         projector = None
         if cfg.align.enabled:
             shape = probe_feature_shape(unet, cfg.align.layer, self.space_channels, self.sample_size)
-            projector = build_projector(cfg.align.projector, self.card["feature_dim"], shape,
+            projector = build_projector(cfg.align.projector, self._target_dim(), shape,
                                         cfg.align.repa_hidden, cfg.align.layer, cfg.align.center_target)
         else:
             get_module(unet, cfg.align.layer)  # a typo in the layer is still an error in the baseline
@@ -151,6 +151,13 @@ class FadTask:
                  f"{backend.world} process(es) on {backend.device.type}, mixed precision {backend.mixed_precision}, "
                  f"{cfg.train.max_steps} steps", backend.is_main)
         return TrainParts(model, optimizer, schedule, ema_module=unet)
+
+    def _target_dim(self) -> int:
+        """Channels of what the projector is compared with: the cached map's (a stage's map may be narrower than
+        the pooled feature), else the expert's pooled feature."""
+        if self.uses_cache and needs_spatial(self.cfg):
+            return int(self.cache_manifest["cache"]["arrays"]["spatial.npy"]["shape"][1])
+        return int(self.card["feature_dim"])
 
     def _build_probe(self) -> GenerationProbe:
         cfg = self.cfg
@@ -204,7 +211,7 @@ class FadTask:
         noisy = noised.noisy.to(self.input_dtype)
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        expert_target = self._expert_target(batch, noisy, step)
+        expert_target = self._expert_target(batch, noisy, step, clean, noised)
         prediction, align_loss, diagnostics = model(noisy, noised.timesteps, labels, noised.drop, expert_target)
         weights = min_snr_weights(self.noise.alphas_cumprod, noised.timesteps, cfg.noise.min_snr_gamma,
                                   cfg.noise.prediction_type) if cfg.noise.min_snr_gamma else None
@@ -224,23 +231,28 @@ class FadTask:
         eps = torch.randn(mean.shape, generator=gen).to(device)
         return (mean + torch.exp(0.5 * logvar) * eps) * self.vae_scale
 
-    def _expert_target(self, batch: dict, noisy: torch.Tensor, step: int) -> torch.Tensor | None:
+    def _expert_target(self, batch: dict, noisy: torch.Tensor, step: int, clean: torch.Tensor,
+                       noised: Noised) -> torch.Tensor | None:
         cfg = self.cfg
         if not cfg.align.enabled or (cfg.align.until_step is not None and step >= cfg.align.until_step):
             return None
         if cfg.align.target == "cached":
             return batch["spatial" if needs_spatial(cfg) else "pooled"].to(self.backend.device)
-        with torch.no_grad():  # the expert sees the noisy input, every step (the reference's behaviour)
-            return self.online_expert.features(self.online_expert_input(noisy.float()))
+        with torch.no_grad():  # the expert sees a noisy input, every step (the reference's behaviour)
+            if cfg.align.target == "noisy-reference":  # the reference's own x_t (in [0, 1]), mapped to [-1, 1]
+                seen = reference_noisy(self.noise, clean, noised.noise, noised.timesteps) * 2 - 1
+            else:
+                seen = noisy.float()
+            return self.online_expert.features(self.online_expert_input(seen))
 
     def online_expert_input(self, images: torch.Tensor) -> torch.Tensor:
-        """noisy-online: the expert's own input (size, channels, normalisation from its card).
-        noisy-reference: the reference's: at the expert's size in the [0, 1] pixel range, not normalised
-        (and the expert's BatchNorm in train mode, set at build)."""
+        """Tiles in [-1, 1] -> the expert's input. noisy-online: the expert's own (size, channels and
+        normalisation from its card). noisy-reference: the reference's: the tile at its own size (not resized
+        to the expert's), in [0, 1], not normalised (and the expert's BatchNorm in train mode, set at build)."""
         if self.cfg.align.target == "noisy-online":
             return expert_input(images, self.card)
-        plain = {**self.card, "normalization": {"mean": [0.0] * self.card["in_chans"],
-                                                 "std": [1.0] * self.card["in_chans"]}}
+        plain = {**self.card, "input_size": images.shape[-1],
+                 "normalization": {"mean": [0.0] * self.card["in_chans"], "std": [1.0] * self.card["in_chans"]}}
         return expert_input(images, plain)
 
     # ---------------------------------------------------------------- periodic work

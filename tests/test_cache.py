@@ -16,7 +16,7 @@ from fadscale.data.loader import apply_view, decode_image
 from fadscale.data.shard import shard_urls
 from fadscale.models.expert import expert_input, load_expert
 from fadscale.errors import FadscaleError
-from tests.conftest import fad_config, run_module
+from tests.conftest import fad_config, run_module, train_fad
 
 
 def _samples(url: str) -> list[dict]:
@@ -51,6 +51,39 @@ def test_cached_features_equal_the_expert_on_each_view(projector, tiny_shards, t
                 with torch.no_grad():
                     want_map = expert.spatial_features(x)[0]
                 torch.testing.assert_close(torch.from_numpy(spatial[view]).float(), want_map, rtol=2e-3, atol=2e-3)
+
+
+def test_repa_cache_of_an_expert_stage_holds_that_stages_map_and_trains(tiny_shards, tiny_expert, tmp_path):
+    """align.expert_stage: the map of an inner stage (finer than the last, without resizing the tile), named in
+    the cache's fingerprint; the repa projector is sized to its channels."""
+    expert, card = load_expert(tiny_expert)
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", align__projector="repa",
+                     align__expert_stage=2, train__max_steps=2)
+    arrays = build_cache(cfg)["cache"]["arrays"]
+    source = {s["__key__"]: s for url in shard_urls(tiny_shards, "train") for s in _samples(url)}
+    sample = _samples(shard_urls(tmp_path / "cache", "train")[0])[0]
+    tile = decode_image(source[sample["__key__"]]["png"], card["in_chans"], card["input_size"])
+    with torch.no_grad():
+        _, (maps,) = expert.backbone.forward_intermediates(expert_input(tile[None], card), indices=[2],
+                                                           intermediates_only=False)
+    spatial = np.load(io.BytesIO(sample["spatial.npy"]), allow_pickle=False)
+    assert list(spatial.shape[1:]) == list(maps.shape[1:]) and maps.shape[-1] > 1  # a real grid, not 1x1
+    torch.testing.assert_close(torch.from_numpy(spatial[0]).float(), maps[0], rtol=2e-3, atol=2e-3)
+    last = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", align__projector="repa")
+    with pytest.raises(FadscaleError, match="stale feature cache.*spatial_stage"):
+        check_cache(last, card)
+    train_fad(cfg)
+    head = safe_open_keys(tmp_path / "run" / "final" / "fad_head.safetensors")
+    assert head["projector.mlp.4.weight"][0] == arrays["spatial.npy"]["shape"][1]
+    with pytest.raises(FadscaleError, match="align.expert_stage 9"):
+        expert.features_and_map(torch.zeros(1, card["in_chans"], 32, 32), stage=9)
+
+
+def safe_open_keys(path) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
 
 
 @pytest.mark.slow

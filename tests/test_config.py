@@ -164,7 +164,7 @@ def test_unknown_key_in_a_file_names_the_file_and_lists_valid_keys(tmp_path):
     message = error_of(FadConfig, path)
     assert message == (f"{path}: unknown key 'data.shufle_buffer' (given 64); did you mean 'data.shuffle_buffer'? "
                        "Valid keys in 'data': shards, image_size, channels, batch_size, workers, shuffle_buffer, "
-                       "samples_per_epoch, views, subset, subset_seed, on_corrupt")
+                       "samples_per_epoch, views, subset, subset_seed, max_per_class, on_corrupt")
 
 
 def test_unknown_key_without_a_close_match(tmp_path):

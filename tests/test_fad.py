@@ -323,6 +323,43 @@ def test_online_reference_target_uses_the_unnormalised_input_and_batch_statistic
     assert task.online_expert.training  # BatchNorm on batch statistics, as the reference leaves it
     images = torch.full((2, 1, 32, 32), -1.0)  # black tiles: 0 in the [0, 1] range, not (0 - 0.5) / 0.5
     assert task.online_expert_input(images).abs().max() == 0
+    # The tile at its own size, whatever the expert's input size (the reference feeds its 64 px tile as it is).
+    assert task.online_expert_input(torch.zeros(2, 1, 16, 16)).shape[-1] == 16
+
+
+def test_reference_noisy_input_is_the_references_own_x_t():
+    """The reference diffuses [0, 1] pixels: its expert sees sqrt(a) x0 + sqrt(1 - a) eps with the full noise
+    amplitude, not (x_t + 1) / 2 of a [-1, 1] diffusion (half the noise, shifted)."""
+    from diffusers import DDPMScheduler
+
+    from fadscale.objective import add_noise, reference_noisy
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    clean = torch.rand(4, 1, 8, 8) * 2 - 1
+    noised = add_noise(scheduler, clean, torch.Generator().manual_seed(0))
+    seen = reference_noisy(scheduler, clean, noised.noise, noised.timesteps)
+    a = scheduler.alphas_cumprod[noised.timesteps].view(-1, 1, 1, 1)
+    assert torch.allclose(seen, a.sqrt() * (clean + 1) / 2 + (1 - a).sqrt() * noised.noise, atol=1e-6)
+    pure = reference_noisy(scheduler, clean, noised.noise, torch.full((4,), 999))
+    assert torch.allclose(pure, noised.noise, atol=0.01)  # at the last step: the noise itself, no 0.5 offset
+    assert not torch.allclose(seen, (noised.noisy + 1) / 2, atol=1e-3)
+
+
+def test_repa_compares_on_the_coarser_grid_and_never_upsamples_the_expert_map():
+    import torch.nn.functional as F
+
+    from fadscale.align import RepaProjector
+    from fadscale.objective import cosine_alignment_loss
+
+    torch.manual_seed(0)
+    projector = RepaProjector(expert_dim=6, unet_channels=4, hidden=8)
+    feature = torch.randn(2, 4, 8, 8)
+    prediction = projector.mlp(feature)
+    coarse, fine = torch.randn(2, 6, 4, 4), torch.randn(2, 6, 16, 16)
+    loss, _ = projector(feature, coarse)  # a 4x4 expert map: the 8x8 prediction is averaged onto it
+    assert loss.item() == pytest.approx(cosine_alignment_loss(F.avg_pool2d(prediction, 2), coarse)[0].item(), rel=1e-5)
+    loss, _ = projector(feature, fine)  # a 16x16 map: the map is averaged onto the 8x8 prediction
+    assert loss.item() == pytest.approx(cosine_alignment_loss(prediction, F.avg_pool2d(fine, 2))[0].item(), rel=1e-5)
 
 
 def test_until_step_switches_the_alignment_off(tiny_shards, tiny_expert, tmp_path):

@@ -22,6 +22,7 @@ from fadscale.data.loader import (
     apply_view,
     apply_view_np,
     batches_per_epoch,
+    capped_keys,
     decode_image,
     eval_loader,
     in_subset,
@@ -271,6 +272,22 @@ def test_subsets_are_disjoint_and_cover(tiny_shards, train_raw):
     assert sorted(val_a + val_b) == sorted(raw_samples(tiny_shards, "val"))
     trained = {k for batch in epoch(tiny_shards, subset="B") for k in batch["key"]}
     assert trained <= b and len(trained) > 10
+
+
+def test_max_per_class_keeps_a_seeded_few_tiles_of_each_class_of_the_subset(tiny_shards, train_raw):
+    urls = shard_urls(tiny_shards, "train")
+    label = {k: int(s["cls"]) for k, s in train_raw.items()}
+    capped = capped_keys(urls, (), subset="A", subset_seed=3, max_per_class=2)
+    per_class = Counter(label[k] for k in capped)
+    assert set(per_class.values()) == {2} and len(per_class) == 8  # 2 of each class, from half A of seed 3
+    assert all(in_subset(k, "A", 3) for k in capped)
+    assert capped_keys(urls, (), subset="A", subset_seed=3, max_per_class=2) == capped  # the same seed: the same
+    assert capped_keys(urls, (), subset="A", subset_seed=4, max_per_class=2) != capped  # another seed: others
+    assert capped_keys(urls, (), subset="A", subset_seed=3, max_per_class=1) < capped  # nested caps
+    trained = {k for batch in epoch(tiny_shards, subset="A", subset_seed=3, max_per_class=2, samples_per_epoch=64)
+               for k in batch["key"]}
+    assert trained == capped  # 64 draws from 16 tiles: every one of them, and nothing else
+    assert len(epoch(tiny_shards, max_per_class=2)) == batches_per_epoch(16, TRAIN["batch_size"], 1)  # an epoch: 16 tiles
 
 
 # ---------------------------------------------------------------------------------- features

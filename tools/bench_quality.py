@@ -17,11 +17,12 @@ Arms (the FAD ones differ from vanilla only by the alignment settings):
 - vanilla: align.enabled false.
 - fad-seed: the reference's projector (Linear(expert) -> UNet channels, pooled cosine) on the cached
   expert feature of the clean tile, for the view the UNet sees (fadscale's default).
-- fad-reference: the reference's own step: the expert sees the *noisy* UNet input every step, in the
-  [0, 1] pixel range without normalisation, with its BatchNorm in train mode (align.target noisy-reference).
+- fad-reference: the reference's own step (align.target noisy-reference): the expert sees the reference's
+  noisy tile (its [0, 1] range) every step, without normalisation, with its BatchNorm in train mode.
 - fad-repa: REPA's projector (an MLP per location) against the expert's spatial map. The alignment
   expert sees the tiles at 128 px (`alignment_expert` overrides) so its map is really spatial: resnet10t
-  gives 4x4 there (1x1 at 32 px), resized to the aligned layer's 8x8 grid.
+  gives 4x4 there (1x1 at 32 px); the aligned layer's 8x8 prediction is averaged onto it. (The real-tile
+  study, tools/study_fad.py, uses an inner stage of a 32 px expert instead.)
 - fad-seed-centred: the seed projector on centred expert features, without a bias (align.center_target).
 All FAD arms use the same 128 px alignment expert.
 

@@ -76,6 +76,27 @@ def in_subset(key: str, subset: str, subset_seed: int) -> bool:
     return (bit == 0) == (subset == "A")
 
 
+def capped_keys(urls: list[str], digests: tuple[str | None, ...], *, subset: str, subset_seed: int,
+                max_per_class: int, on_corrupt: str = "error") -> frozenset[str]:
+    """The keys of at most `max_per_class` tiles per class of the split's subset: per class, the first in an
+    order drawn by `subset_seed` (a hash of seed and key), so the same seed keeps the same tiles whatever the
+    shard order, and a smaller cap keeps a subset of a larger one's. Reads only the shards' labels."""
+    by_class: dict[str, list[str]] = {}
+    for url, digest in zip(urls, digests or (None,) * len(urls)):
+        for raw in _shard_samples(url, lambda name: name.endswith(".cls"), digest, on_corrupt):
+            if "cls" in raw and in_subset(raw["__key__"], subset, subset_seed):
+                by_class.setdefault(raw["cls"].decode().strip(), []).append(raw["__key__"])
+
+    def order(key: str) -> bytes:
+        return hashlib.sha1(f"cap:{subset_seed}:{key}".encode()).digest()
+
+    return frozenset(key for keys in by_class.values() for key in sorted(keys, key=order)[:max_per_class])
+
+
+def _kept(key: str, spec: "StreamSpec") -> bool:
+    return in_subset(key, spec.subset, spec.subset_seed) and (spec.keys is None or key in spec.keys)
+
+
 def decode_image(png: bytes, channels: int, image_size: int) -> torch.Tensor:
     """Image bytes -> float tensor [C, S, S] in [-1, 1].
 
@@ -118,6 +139,7 @@ class StreamSpec:
     counts: tuple[int, ...] = ()  # samples per shard (from the manifest); the eval stream needs them
     digests: tuple[str | None, ...] = ()  # sha256 per shard (from the manifest); checked before first use
     on_corrupt: str = "error"  # "error" | "skip": what a damaged shard or record does
+    keys: frozenset[str] | None = None  # when set, only these keys are read (data.max_per_class)
 
 
 class DamagedRecord(Exception):
@@ -330,7 +352,7 @@ def _resampled(spec: StreamSpec, rng: random.Random) -> Iterator[dict]:
         shard = _shard_samples(url, select, digests.get(url), spec.on_corrupt)
         try:
             for sample in shard:
-                if in_subset(sample["__key__"], spec.subset, spec.subset_seed):
+                if _kept(sample["__key__"], spec):
                     kept += 1
                     yield sample
         finally:
@@ -410,7 +432,7 @@ class EvalStream(IterableDataset):
                 for raw in shard:
                     if index >= end:
                         break
-                    if index >= start and in_subset(raw["__key__"], spec.subset, spec.subset_seed):
+                    if index >= start and _kept(raw["__key__"], spec):
                         chunk.append(_to_sample(raw, spec, 0))
                         if len(chunk) == spec.batch_size:
                             if any(sample is not None for sample in chunk):
@@ -494,21 +516,26 @@ def train_loader(shard_dir, *, batch_size: int, image_size: int, channels: int, 
                  rank: int = 0, world_size: int = 1, workers: int = 0, shuffle_buffer: int = 512,
                  samples_per_epoch: int | None = None, views: bool = True, subset: str = "all",
                  subset_seed: int = 0, features: tuple[str, ...] = (), split: str = "train",
-                 start_batch: int = 0, on_corrupt: str = "error") -> DataLoader:
+                 start_batch: int = 0, on_corrupt: str = "error", max_per_class: int | None = None) -> DataLoader:
     """A DataLoader over one epoch of the training stream (build a new one per epoch).
 
     It yields batches_per_epoch(samples_per_epoch, batch_size, world_size) - start_batch batches, the
     same number on every rank; batch b depends only on (seed, epoch, rank, b), not on `workers`.
+    `max_per_class` keeps at most that many tiles per class of the subset (`capped_keys`).
     """
     _check(batch_size=batch_size, image_size=image_size, channels=channels, rank=rank, world_size=world_size,
            workers=workers, subset=subset, on_corrupt=on_corrupt)
     if start_batch < 0 or shuffle_buffer < 1:
         raise FadscaleError(f"start_batch must be >= 0 and shuffle_buffer >= 1, got {start_batch} and {shuffle_buffer}")
     urls, counts, digests = _split_shards(shard_dir, split)
+    keys = None
+    if max_per_class is not None:
+        keys = capped_keys(urls, digests, subset=subset, subset_seed=subset_seed, max_per_class=max_per_class,
+                           on_corrupt=on_corrupt)
     if samples_per_epoch is None:
-        samples_per_epoch = split_count(shard_dir, split, subset)
+        samples_per_epoch = len(keys) if keys is not None else split_count(shard_dir, split, subset)
     spec = StreamSpec(urls, image_size, channels, batch_size, tuple(features), subset, subset_seed, rank,
-                      world_size, counts, digests, on_corrupt)
+                      world_size, counts, digests, on_corrupt, keys)
     batches = batches_per_epoch(samples_per_epoch, batch_size, world_size)
     stream = TrainStream(spec, seed=seed, epoch=epoch, batches=batches, shuffle_buffer=shuffle_buffer,
                          views=views, start_batch=start_batch)
@@ -525,7 +552,7 @@ def loader_from_config(cfg, source, *, epoch: int, rank: int, world_size: int, f
                         workers=data.workers, shuffle_buffer=data.shuffle_buffer,
                         samples_per_epoch=samples_per_epoch or data.samples_per_epoch, views=data.views,
                         subset=data.subset, subset_seed=data.subset_seed, features=features, start_batch=start_batch,
-                       on_corrupt=data.on_corrupt)
+                        on_corrupt=data.on_corrupt, max_per_class=data.max_per_class)
 
 
 def eval_loader(shard_dir, *, split: str = "val", batch_size: int, image_size: int, channels: int,
@@ -541,7 +568,11 @@ def eval_loader(shard_dir, *, split: str = "val", batch_size: int, image_size: i
     return _loader(EvalStream(spec), workers)
 
 
-def split_count(shard_dir, split: str, subset: str = "all") -> int:
-    """Samples in a split (an estimate of half for an A/B subset)."""
-    count = load_manifest(shard_dir)["splits"][split]["count"]
+def split_count(shard_dir, split: str, subset: str = "all", max_per_class: int | None = None) -> int:
+    """Samples in a split (an estimate of half for an A/B subset; at most `max_per_class` per class)."""
+    manifest = load_manifest(shard_dir)["splits"][split]
+    if max_per_class is not None and manifest.get("per_class"):
+        share = 1 if subset == "all" else 2
+        return sum(min(max_per_class, math.ceil(n / share)) for n in manifest["per_class"].values())
+    count = manifest["count"]
     return count if subset == "all" else math.ceil(count / 2)

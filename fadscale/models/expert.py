@@ -70,10 +70,19 @@ class Expert(nn.Module):
         """The last feature map [B, D, h, w]; transformer tokens are reshaped to their grid."""
         return self._as_map(self.backbone.forward_features(x))
 
-    def features_and_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`features(x)` and `spatial_features(x)` from one pass through the backbone."""
-        out = self.backbone.forward_features(x)
-        return self.backbone.forward_head(out), self._as_map(out)
+    def features_and_map(self, x: torch.Tensor, stage: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`features(x)` and a feature map from one pass through the backbone: the last map
+        (`spatial_features(x)`), or with `stage` the map of that stage (an index into timm's feature_info:
+        for a resnet 1-4 at strides 4-32), for a map finer than the last one without resizing the tile."""
+        if stage is None:
+            out = self.backbone.forward_features(x)
+            return self.backbone.forward_head(out), self._as_map(out)
+        stages = len(getattr(self.backbone, "feature_info", []) or [])
+        if not hasattr(self.backbone, "forward_intermediates") or not 0 <= stage < stages:
+            raise FadscaleError(f"align.expert_stage {stage}: {self.arch} has "
+                                f"{f'stages 0-{stages - 1}' if stages else 'no intermediate stages timm can return'}")
+        out, maps = self.backbone.forward_intermediates(x, indices=[stage], intermediates_only=False)
+        return self.backbone.forward_head(out), maps[0].contiguous()
 
     def _as_map(self, out: torch.Tensor) -> torch.Tensor:
         if out.ndim == 4:
