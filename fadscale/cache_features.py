@@ -27,12 +27,13 @@ from tqdm import tqdm
 
 from fadscale import __version__
 from fadscale.artifacts import CACHE_MANIFEST
-from fadscale.conditioning import CONDITIONING_FILE, class_prompts, encode_prompts, save_table
+from fadscale.artifacts.feature_cache import check_cache, fingerprint
+from fadscale.core.conditioning import CONDITIONING_FILE, class_prompts, encode_prompts, save_table
 from fadscale.config import FadConfig, needs_spatial
 from fadscale.data.loader import DECODE_ERRORS, NUM_VIEWS, apply_view, check_shard, damaged, decode_image
 from fadscale.data.shard import load_manifest
-from fadscale.models.expert import expert_input, load_expert, read_card
-from fadscale.models.vae import load_vae
+from fadscale.core.models.expert import expert_input, load_expert, read_card
+from fadscale.core.models.vae import load_vae
 from fadscale.runtime.distributed import barrier, detect_world, init_distributed
 from fadscale.runtime.entry import run_entry
 from fadscale.errors import FadscaleError
@@ -40,43 +41,6 @@ from fadscale.runtime.io import atomic_write_json, read_json, sha256_file
 from fadscale.runtime.lock import RunLock
 from fadscale.runtime.logging import log_line
 
-
-
-def fingerprint(cfg: FadConfig, card: dict) -> dict:
-    """Everything the cached values depend on; a cache with another fingerprint is stale."""
-    return {
-        "source_manifest_sha256": sha256_file(Path(cfg.data.shards) / "manifest.json"),
-        "expert_sha256": card["sha256"],
-        "views": NUM_VIEWS,
-        "spatial": needs_spatial(cfg),
-        "spatial_stage": cfg.align.expert_stage if needs_spatial(cfg) else None,
-        "latent_vae": cfg.model.vae if cfg.model.space == "latent" else None,
-        "latent_size": cfg.data.image_size if cfg.model.space == "latent" else None,
-        "text_encoder": cfg.conditioning.text_encoder,
-        "prompt": cfg.conditioning.prompt if cfg.conditioning.text_encoder else None,
-    }
-
-
-def rebuild_hint(cfg: FadConfig) -> str:
-    return f"rebuild it with: fadscale cache-features --config <your config> --set cache.dir={cfg.cache.dir} --overwrite"
-
-
-def check_cache(cfg: FadConfig, card: dict) -> dict:
-    """The cache's manifest when it is complete and fits this config; a one-line error otherwise."""
-    path = Path(cfg.cache.dir) / "manifest.json"
-    if not path.is_file():
-        raise FadscaleError(f"{cfg.cache.dir}: no complete feature cache (manifest.json missing); {rebuild_hint(cfg)}")
-    try:
-        manifest = CACHE_MANIFEST.read(path)
-    except FadscaleError as exc:
-        raise FadscaleError(f"{exc}; {rebuild_hint(cfg)}") from None
-    built = manifest["cache"]["fingerprint"]
-    wanted = fingerprint(cfg, card)
-    differs = [key for key in wanted if built.get(key) != wanted[key]]
-    if differs:
-        what = ", ".join(f"{k} (cache: {built.get(k)!r}, config: {wanted[k]!r})" for k in differs[:2])
-        raise FadscaleError(f"{cfg.cache.dir}: stale feature cache, built with other inputs: {what}; {rebuild_hint(cfg)}")
-    return manifest
 
 
 @torch.no_grad()
@@ -159,8 +123,9 @@ def _npy(tensor: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def build_cache(cfg: FadConfig, overwrite: bool = False) -> dict:
-    """Collective over the current ranks (or a single process). Returns the cache manifest."""
+def build_cache(cfg: FadConfig, overwrite: bool = False, progress: bool = True) -> dict:
+    """Collective over the current ranks (or a single process). Returns the cache manifest. `progress`: a
+    progress bar on the main rank."""
     world = detect_world()
     device = init_distributed(world)
     out = Path(cfg.cache.dir)
@@ -174,13 +139,13 @@ def build_cache(cfg: FadConfig, overwrite: bool = False) -> dict:
     lock = RunLock(out.parent, f".{out.name}.lock", guards=out, remove=True).acquire(wait=True) if world.is_main else None
     try:
         barrier()  # no rank looks at the manifest before the main rank holds the lock
-        return _build_locked(cfg, card, source, world, device, overwrite)
+        return _build_locked(cfg, card, source, world, device, overwrite, progress)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _build_locked(cfg: FadConfig, card: dict, source: dict, world, device, overwrite: bool) -> dict:
+def _build_locked(cfg: FadConfig, card: dict, source: dict, world, device, overwrite: bool, progress: bool) -> dict:
     out = Path(cfg.cache.dir)
     wanted = fingerprint(cfg, card)
     manifest_path = out / "manifest.json"
@@ -207,12 +172,12 @@ def _build_locked(cfg: FadConfig, card: dict, source: dict, world, device, overw
     log_line(f"caching features on rank {world.rank}: {len(todo)} of {len(mine)} shards to build "
              f"({len(shards)} in all); expert {card['arch']} on {device.type}", True)
     started = time.perf_counter()
-    progress = tqdm(total=total, unit="tile", desc="cache", disable=not world.is_main, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="tile", desc="cache", disable=not (world.is_main and progress), dynamic_ncols=True)
     for shard in todo:
         url = str(Path(cfg.data.shards) / shard["name"])
-        samples = _encode_shard(url, shard.get("sha256"), out / shard["name"], expert, card, cfg, vae, device, progress)
+        samples = _encode_shard(url, shard.get("sha256"), out / shard["name"], expert, card, cfg, vae, device, bar)
         atomic_write_json(out / f"{shard['name']}.done.json", {"fingerprint": wanted, "samples": samples})
-    progress.close()
+    bar.close()
     elapsed = time.perf_counter() - started
 
     if world.is_main and cfg.conditioning.text_encoder:

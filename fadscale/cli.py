@@ -335,7 +335,7 @@ def submit(
 
     Example: fadscale submit train --config configs/fad.yaml --nodes 4 --gpus-per-node 8 --time 12:00:00
     """
-    from fadscale.launch import submit as submit_job
+    from fadscale.runtime.launcher import submit as submit_job
 
     try:
         script, job_id = submit_job(stage, config, nodes=nodes, gpus_per_node=gpus_per_node, cpu=cpu,
@@ -390,7 +390,7 @@ def demo(
     only the evaluation reads). Example: fadscale demo --out demo-out, or
     fadscale demo --data ../shared/data/kather16 --out real-demo
     """
-    from fadscale.demo import run_demo
+    from fadscale.pipeline.demo import run_demo
     from fadscale.runtime.distributed import set_cpu_threads
 
     with _one_line_errors(out):

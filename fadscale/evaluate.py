@@ -11,7 +11,7 @@
 - Frechet distance, KID and k-NN precision/recall in the evaluator's pooled feature space, overall and
   per class; Inception FID only with local Inception weights (`metrics.inception_weights`).
 - per-class mean intensity and colour (R, G, B), and orientation coherence, generated beside real.
-- the copy check (fadscale/evaluation/copies.py): the share of generated tiles nearer to a real training
+- the copy check (fadscale/core/evaluation/copies.py): the share of generated tiles nearer to a real training
   tile than 95% of the held-out real tiles are, in pixels and in the evaluator's features.
 - utility: a small classifier trained on synthetic tiles, on real + synthetic, on real tiles only and on
   as many real tiles as synthetic ones, each tested on the scored real tiles (train on synthetic, test on
@@ -22,7 +22,7 @@ or picks anything on it), else `val`.
 
 Output (`run.out_dir`, written atomically): report.json, report.md, confusion.png, grids/<CLASS>.png
 (real tiles on top, generated below), config.yaml. `evaluate_samples(...)` is the same as a library call.
-This module holds the config and the evaluation itself; its parts live in fadscale/evaluation/ (inputs,
+This module holds the config and the evaluation itself; its parts live in fadscale/core/evaluation/ (inputs,
 distances, utility, report).
 """
 
@@ -36,16 +36,16 @@ import torch
 
 from fadscale import __version__
 from fadscale.config import EvaluateConfig, build_config, save_config, with_settings
-from fadscale.evaluation.copies import copy_check
-from fadscale.evaluation.distances import (feature_distances, inception_fid, intensity_by_class, orientation_by_class,
+from fadscale.core.evaluation.copies import copy_check
+from fadscale.core.evaluation.distances import (feature_distances, inception_fid, intensity_by_class, orientation_by_class,
                                            reference_distances)
-from fadscale.evaluation.inputs import (check_independence, evaluator_outputs, evaluator_selection, load_real_tiles,
+from fadscale.core.evaluation.inputs import (check_independence, evaluator_outputs, evaluator_selection, load_real_tiles,
                                         load_sample_set, stack_tiles)
-from fadscale.evaluation.report import fmt, json_safe, mean_of, report_value, write_outputs
-from fadscale.evaluation.utility import utility_scores
+from fadscale.core.evaluation.report import fmt, json_safe, mean_of, report_value, write_outputs
+from fadscale.core.evaluation.utility import utility_scores
 from fadscale.data.shard import load_manifest
-from fadscale.metrics import accuracy_from_confusion, confusion_matrix, ssim_diversity
-from fadscale.models.expert import load_expert, read_card
+from fadscale.core.metrics import accuracy_from_confusion, confusion_matrix, ssim_diversity
+from fadscale.core.models.expert import load_expert, read_card
 from fadscale.runtime.entry import run_entry
 from fadscale.errors import FadscaleError
 from fadscale.runtime.io import atomic_output_dir, git_commit

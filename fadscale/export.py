@@ -4,14 +4,14 @@
 
     DIR/
       model_index.json        the pipeline: fadscale_pipeline.FadscalePipeline, class names, class tokens
-      fadscale_pipeline.py    its code (fadscale/hub_pipeline.py): torch, PIL and diffusers only
+      fadscale_pipeline.py    its code (fadscale/artifacts/hub_pipeline.py): torch, PIL and diffusers only
       unet/                   UNet2DConditionModel (safetensors; EMA weights unless --weights raw)
       scheduler/              DPM-Solver++ with the run's noise schedule (fadscale's default sampler)
       vae/                    latent-space runs only
       README.md               how to load it, the classes, where it came from
 
 `DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)` loads it anywhere diffusers runs;
-`fadscale.hub_pipeline.FadscalePipeline.from_pretrained(DIR)` loads it without running the folder's code.
+`fadscale.artifacts.hub_pipeline.FadscalePipeline.from_pretrained(DIR)` loads it without running the folder's code.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ INDEX = "model_index.json"
 
 def export_run(run: str | Path, out: str | Path, weights: str = "ema", overwrite: bool = False) -> Path:
     """Write the pipeline folder of a trained run (its final/ weights) to `out`; returns `out`."""
-    from fadscale import hub_pipeline
-    from fadscale.hub_pipeline import FadscalePipeline
-    from fadscale.sample import image_channels, load_run
-    from fadscale.sampling import make_scheduler
+    from fadscale.artifacts import hub_pipeline
+    from fadscale.artifacts.hub_pipeline import FadscalePipeline
+    from fadscale.artifacts.run import image_channels, load_run
+    from fadscale.core.sampling import make_scheduler
 
     if weights not in ("ema", "raw"):
         raise FadscaleError(f"--weights {weights!r}: expected ema or raw")
@@ -82,7 +82,7 @@ tiles = pipe(["{names[0]}", "{names[-1]}"], generator=torch.Generator().manual_s
 ```
 
 `trust_remote_code=True` runs `fadscale_pipeline.py` from this folder (read it first: torch, PIL and
-diffusers only). With fadscale installed, `from fadscale.hub_pipeline import FadscalePipeline;
+diffusers only). With fadscale installed, `from fadscale.artifacts.hub_pipeline import FadscalePipeline;
 FadscalePipeline.from_pretrained("{out}")` loads the same pipeline without running code from the folder.
 
 The default scheduler is fadscale's sampler (DPM-Solver++, 25 steps, the run's noise schedule). One

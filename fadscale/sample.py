@@ -27,34 +27,27 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
-import math
 import os
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from fadscale import __version__
-from fadscale.artifacts import HEAD_FILE, RUN_CARD, SAMPLE_MANIFEST
+from fadscale.artifacts import SAMPLE_MANIFEST
+from fadscale.artifacts.run import LoadedRun, image_channels, load_run
+from fadscale.artifacts.sample_set import CLASS_INDEX, FORMAT_VERSION, MANIFEST, SAMPLES_DIR, \
+    class_dir_name, class_folder, png_bytes, read_png, write_grid
 from fadscale.config import SampleConfig, build_config, save_config, with_settings
 from fadscale.runtime.entry import run_entry
 from fadscale.errors import FadscaleError
-from fadscale.runtime.io import atomic_output_dir, atomic_write_json, checksum_problems, git_commit
+from fadscale.runtime.io import atomic_output_dir, atomic_write_json, git_commit
 from fadscale.runtime.logging import log_line
-from fadscale.sampling import generate, grid, make_scheduler, to_uint8
+from fadscale.core.sampling import generate, make_scheduler, to_uint8
 
-SAMPLES_DIR = "samples"
-MANIFEST = SAMPLE_MANIFEST.filename
-IMAGES_DIR = "images"
-CLASS_INDEX = "classes.txt"
-FORMAT_VERSION = 1
 SEED_RULE = "int.from_bytes(sha256(f'fadscale-sample:{base}:{class_index}:{index}:{attempt}')[:8], 'big') >> 1"
 DEFAULT_STEPS = {"dpm++": 25, "ddim": 50}
 
@@ -68,80 +61,6 @@ def sample_config(model_path: str | Path, out_dir: str | Path, **overrides) -> S
     """A SampleConfig from a run folder and an output folder; other settings as section__key=value."""
     tree: dict = {"run": {"out_dir": str(out_dir)}, "model": {"path": str(model_path)}}
     return build_config(SampleConfig, with_settings(tree, overrides), "sample_config")
-
-
-# --------------------------------------------------------------------------------------------------
-# The trained run
-# --------------------------------------------------------------------------------------------------
-
-
-def resolve_final(path: str | Path) -> Path:
-    """The final/ folder of a run folder (or the folder itself when it holds the run card)."""
-    path = Path(path)
-    for candidate in (path / "final", path):
-        if (candidate / RUN_CARD.filename).is_file():
-            return candidate
-    if not path.exists():
-        raise FadscaleError(f"model.path {path}: not found")
-    raise FadscaleError(f"model.path {path}: no final/{RUN_CARD.filename} (has training finished?)")
-
-
-def image_channels(card: dict) -> int:
-    """The channels of the tiles a run makes: its data's (a latent run's UNet works in the VAE's channels)."""
-    if card["space"] != "latent":
-        return int(card["channels"])
-    return int(card.get("config", {}).get("data", {}).get("channels", card["channels"]))
-
-
-@dataclass
-class LoadedRun:
-    final: Path
-    card: dict
-    unet: torch.nn.Module
-    table: torch.Tensor
-    weights: str  # the folder used: unet_ema or unet
-    fallback: bool  # EMA asked for, but the run has none
-    vae: torch.nn.Module | None = None
-    vae_scale: float = 1.0
-
-
-def load_run(path: str | Path, weights: str = "ema", device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> LoadedRun:
-    """UNet (EMA or raw), conditioning table and, for latent runs, the VAE of a trained run."""
-    from diffusers import UNet2DConditionModel
-
-    final = resolve_final(path)
-    card = RUN_CARD.read(final)
-    folder, fallback = ("unet_ema", False) if weights == "ema" else ("unet", False)
-    if folder == "unet_ema" and not (final / "unet_ema").is_dir():
-        folder, fallback = "unet", True
-    if not (final / folder).is_dir():
-        raise FadscaleError(f"{final / folder}: UNet weights not found")
-    damaged = checksum_problems(final, only=(folder, HEAD_FILE, RUN_CARD.filename))
-    if damaged:  # None: a run written before final/ had checksums
-        raise FadscaleError(f"{final}: damaged ({'; '.join(damaged[:3])}); train again (the run's checkpoints "
-                            "rewrite final/), or restore the folder from a copy")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(final / folder, torch_dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise FadscaleError(f"{final / folder}: cannot load the UNet ({exc})") from None
-    head = final / HEAD_FILE
-    if not head.is_file():
-        raise FadscaleError(f"{head}: conditioning head not found")
-    try:
-        table = load_file(str(head))["conditioning.table"].float()
-    except Exception as exc:  # noqa: BLE001 - unreadable or without the key: the same user error
-        raise FadscaleError(f"{head}: no readable conditioning.table ({exc})") from None
-    classes = len(card["classes"])
-    if table.shape[0] != classes + 1:
-        raise FadscaleError(f"{head}: conditioning table has {table.shape[0]} rows; expected {classes + 1} "
-                            f"({classes} classes + the null token)")
-    loaded = LoadedRun(final, card, unet.to(device).eval().requires_grad_(False), table, folder, fallback)
-    if card["space"] == "latent":
-        from fadscale.models.vae import load_vae
-
-        loaded.vae, loaded.vae_scale = load_vae(card.get("vae"), device)
-    return loaded
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,28 +84,9 @@ def work_batches(classes: int, per_class: int, batch_size: int, rank: int, world
     return batches[rank::world]
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """[H, W] or [H, W, 3] uint8 -> PNG bytes (fixed settings: the same pixels give the same bytes)."""
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="L" if image.ndim == 2 else "RGB").save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
-
-
 def _as_hwc(image: torch.Tensor) -> np.ndarray:
     array = image.cpu().numpy()
     return array[0] if array.shape[0] == 1 else np.ascontiguousarray(array.transpose(1, 2, 0))
-
-
-def class_dir_name(name: str) -> str:
-    """A class name as a folder name (Kather's names are already safe)."""
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "_"
-
-
-def class_folder(index: int, name: str) -> str:
-    """Where a sample set keeps class `index`'s tiles: `images/01_TUMOR`. `images/` holds nothing but class
-    folders, numbered so that their sorted order is the project's class order: ImageFolder and Hugging Face
-    `imagefolder` pointed at it give every tile the project's label."""
-    return f"{IMAGES_DIR}/{index + 1:02d}_{class_dir_name(name)}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,35 +159,18 @@ def _generate_batch(sampler: Sampler, cfg: SampleConfig, batch: list[tuple[int, 
     return records, generations
 
 
-def _read_png(path: Path) -> torch.Tensor:
-    with Image.open(path) as img:
-        array = np.asarray(img, dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy())
-    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
-
-
-def write_grid(images: list[torch.Tensor], path: Path, rows: int | None = None) -> None:
-    stack = torch.stack(images)
-    if rows is None:
-        rows = max(1, int(math.floor(math.sqrt(len(images)))))
-    picture = grid(stack, rows)
-    array = picture[0].numpy() if picture.shape[0] == 1 else picture.permute(1, 2, 0).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes(np.ascontiguousarray(array)))
-
-
 def _write_grids(folder: Path, names: list[str], records: list[dict], limit: int) -> dict:
     by_class: dict[str, list[dict]] = {name: [] for name in names}
     for rec in sorted(records, key=lambda r: (r["class_index"], r["index"])):
         by_class[rec["class"]].append(rec)
     written = {}
     for name in names:
-        images = [_read_png(folder / rec["file"]) for rec in by_class[name][:limit]]
+        images = [read_png(folder / rec["file"]) for rec in by_class[name][:limit]]
         rel = f"grids/{class_dir_name(name)}.png"
         write_grid(images, folder / rel)
         written[name] = rel
     per_row = min(8, min(len(v) for v in by_class.values()))
-    rows = [_read_png(folder / rec["file"]) for name in names for rec in by_class[name][:per_row]]
+    rows = [read_png(folder / rec["file"]) for name in names for rec in by_class[name][:per_row]]
     write_grid(rows, folder / "grid.png", rows=len(names))
     return {"per_class": written, "all": "grid.png"}
 
@@ -453,10 +336,6 @@ def _manifest(cfg: SampleConfig, loaded: LoadedRun, sampler: Sampler, names: lis
         "shards": None,
         "images": records,
     }
-
-
-def read_sample_manifest(folder: str | Path) -> dict:
-    return SAMPLE_MANIFEST.read(Path(folder))
 
 
 def run(cfg: SampleConfig) -> int:

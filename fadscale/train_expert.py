@@ -33,13 +33,14 @@ from fadscale import __version__
 from fadscale.config import ExpertConfig
 from fadscale.data.loader import batches_per_epoch, eval_loader, loader_from_config, split_count
 from fadscale.data.shard import load_manifest
-from fadscale.models.expert import Expert, load_initial_weights, save_expert
+from fadscale.core.models.expert import Expert, load_initial_weights, save_expert
 from fadscale.runtime.distributed import all_reduce_sum
 from fadscale.runtime.entry import run_entry
 from fadscale.errors import FadscaleError
 from fadscale.runtime.io import git_commit, save_safetensors, sha256_file
 from fadscale.runtime.logging import log_line
-from fadscale.runtime.schedule import make_scheduler
+from fadscale.core.evaluation.report import save_confusion_png
+from fadscale.training.lr_schedule import make_lr_schedule
 from fadscale.training.backend import Backend, DDPBackend
 from fadscale.training.fingerprint import digest
 from fadscale.training.task import LoopSettings, LoopView, TrainParts
@@ -123,31 +124,6 @@ def gather_digests(digest: str, backend: Backend) -> list[str]:
     return [bytes(row).hex() for row in all_reduce_sum(table).cpu().tolist()]
 
 
-def save_confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rates = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.6 * len(classes)))
-    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def check_data(cfg: ExpertConfig) -> tuple[dict, list[str]]:
     """The shard folder's manifest and class names, after the checks that need no tile read."""
     manifest = load_manifest(cfg.data.shards)
@@ -205,7 +181,7 @@ class ExpertTask:
         model.to(backend.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                       betas=cfg.optim.betas)
-        schedule = make_scheduler(optimizer, cfg.optim, self.steps_per_epoch * cfg.train.epochs)
+        schedule = make_lr_schedule(optimizer, cfg.optim, self.steps_per_epoch * cfg.train.epochs)
         self.model = model
         log_line(f"expert {cfg.model.arch}: {backend.world} process(es) on {backend.device.type}, "
                  f"{self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs", backend.is_main)

@@ -3,10 +3,11 @@
     accelerate launch -m fadscale.train_fad --config configs/fad.yaml
     accelerate launch --multi_gpu --num_processes 2 -m fadscale.train_fad --config configs/tiny/fad.yaml  (CPU)
 
-The step (`FadTask.train_step`, from fadscale.objective): noise a batch of tiles at random timesteps; one
-UNet forward that also yields the aligned layer's feature (a hook); noise loss + align.weight x
-alignment loss against the expert feature read from the feature cache for the view the UNet sees. The
-loop around it (backward, accumulation, EMA, checkpoints, stop/resume) is fadscale.training's Trainer,
+The step is fadscale.core.fad's FadObjective on its FadModel: noise a batch of tiles at random timesteps;
+one UNet forward that also yields the aligned layer's feature (a hook); noise loss + align.weight x
+alignment loss against the expert feature read from the feature cache for the view the UNet sees. This
+module builds them from the config, feeds the data and writes what a run leaves: learning curves, sample
+grids and final/ (the run card). The loop around it (backward, accumulation, EMA, checkpoints, stop/resume) is fadscale.training's Trainer,
 on the accelerate backend (DDP or DeepSpeed).
 
 The feature cache must exist (`fadscale cache-features`, which `fadscale train` and the pipeline run
@@ -26,51 +27,28 @@ from torch import nn
 
 from fadscale import __version__
 from fadscale.artifacts import HEAD_FILE, RUN_CARD
-from fadscale.align import FeatureTap, build_projector, top_direction_share
-from fadscale.cache_features import check_cache
-from fadscale.conditioning import CONDITIONING_FILE, ClassConditioning, load_table
+from fadscale.core.align import build_projector, top_direction_share
+from fadscale.artifacts.feature_cache import check_cache
+from fadscale.core.conditioning import CONDITIONING_FILE, ClassConditioning, load_table
 from fadscale.config import FadConfig, needs_spatial, uses_cache
 from fadscale.data.loader import batches_per_epoch, eval_loader, loader_from_config, split_count
 from fadscale.data.shard import load_manifest
-from fadscale.learning_curve import GenerationProbe
-from fadscale.models.expert import expert_input, load_expert, read_card
-from fadscale.models.unet import build_unet, count_parameters, get_module, probe_feature_shape, uses_class_labels
-from fadscale.models.vae import vae_scaling_factor
-from fadscale.objective import Noised, add_noise, min_snr_weights, noise_loss, reference_noisy, step_generator, total_loss
+from fadscale.core.probe import GenerationProbe
+from fadscale.core.models.expert import load_expert, read_card
+from fadscale.core.models.unet import build_unet, count_parameters, get_module, probe_feature_shape
+from fadscale.core.models.vae import vae_scaling_factor
+from fadscale.core.fad import FadModel, FadObjective
+from fadscale.core.objective import step_generator
 from fadscale.runtime.entry import run_entry
 from fadscale.errors import FadscaleError
 from fadscale.runtime.io import atomic_output_dir, foreign_entries, git_commit, write_checksums
 from fadscale.runtime.logging import log_line, read_metrics
-from fadscale.runtime.schedule import make_scheduler
-from fadscale.sampling import generate, grid, make_scheduler as make_sampler, noise_config
+from fadscale.training.lr_schedule import make_lr_schedule
+from fadscale.core.sampling import generate, grid, make_scheduler as make_sampler, noise_config
 from fadscale.training.backend import AccelerateBackend
 from fadscale.training.fingerprint import digest
 from fadscale.training.task import LoopSettings, LoopView, TrainParts
 from fadscale.training.trainer import Trainer
-
-class FadModel(nn.Module):
-    """UNet + class conditioning + (optional) alignment projector: one module, so DDP/DeepSpeed wrap
-    and synchronise all trainable parts together and the alignment loss is part of the forward."""
-
-    def __init__(self, unet: nn.Module, conditioning: ClassConditioning, projector: nn.Module | None, layer: str):
-        super().__init__()
-        self.unet, self.conditioning, self.projector = unet, conditioning, projector
-        self.tap = FeatureTap(get_module(unet, layer)) if projector is not None else None
-
-    def forward(self, noisy, timesteps, labels, drop, expert_target=None):
-        tokens = self.conditioning(labels, drop)
-        class_labels = self.conditioning.labels(labels, drop) if uses_class_labels(self.unet) else None
-        if self.tap is not None:
-            self.tap.arm()
-        prediction = self.unet(noisy, timesteps, tokens, class_labels=class_labels).sample
-        if self.tap is None:
-            return prediction, None, None
-        feature = self.tap.pop()
-        if expert_target is None:  # alignment switched off for this step (align.until_step)
-            return prediction, None, None
-        align_loss, diagnostics = self.projector(feature, expert_target)
-        return prediction, align_loss, diagnostics
-
 
 def loop_settings(cfg: FadConfig, source: str, world: int) -> LoopSettings:
     samples = cfg.data.samples_per_epoch or split_count(source, "train", cfg.data.subset, cfg.data.max_per_class)
@@ -137,10 +115,11 @@ class FadTask:
             self.online_expert = load_expert(cfg.expert, backend.device)[0].requires_grad_(False)
             if cfg.align.target == "noisy-reference":
                 self.online_expert.train()  # BatchNorm on batch statistics, as the reference leaves it
+        self.objective = FadObjective(cfg, self.noise, self.card, self.online_expert, needs_spatial(cfg))
         fused = {"fused": True} if backend.device.type == "cuda" else {}
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                       weight_decay=cfg.optim.weight_decay, **fused)
-        schedule = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+        schedule = make_lr_schedule(optimizer, cfg.optim, cfg.train.max_steps)
         if cfg.model.compile:
             model.unet = torch.compile(model.unet)
         backend.configure_deepspeed(cfg.data.batch_size, cfg.optim.grad_clip)
@@ -201,26 +180,10 @@ class FadTask:
     # ---------------------------------------------------------------- the step
 
     def train_step(self, model: nn.Module, batch: dict, micro_step: int, step: int) -> tuple[torch.Tensor, dict]:
-        cfg, device = self.cfg, self.backend.device
-        gen = step_generator(cfg.run.seed, micro_step, self.backend.rank)
-        labels = batch["label"].to(device)
+        gen = step_generator(self.cfg.run.seed, micro_step, self.backend.rank)
+        labels = batch["label"].to(self.backend.device)
         clean = self._clean(batch, gen)
-        noised = add_noise(self.noise, clean, gen, label_dropout=cfg.train.label_dropout,
-                           prediction_type=cfg.noise.prediction_type, input_perturbation=cfg.noise.input_perturbation,
-                           timestep_power=cfg.noise.timestep_power)
-        noisy = noised.noisy.to(self.input_dtype)
-        if self.channels_last:
-            noisy = noisy.contiguous(memory_format=torch.channels_last)
-        expert_target = self._expert_target(batch, noisy, step, clean, noised)
-        prediction, align_loss, diagnostics = model(noisy, noised.timesteps, labels, noised.drop, expert_target)
-        weights = min_snr_weights(self.noise.alphas_cumprod, noised.timesteps, cfg.noise.min_snr_gamma,
-                                  cfg.noise.prediction_type) if cfg.noise.min_snr_gamma else None
-        noise = noise_loss(prediction, noised.target, weights)
-        loss = total_loss(noise, align_loss, cfg.align.weight)
-        metrics = {"loss/noise": noise.item(), "loss/total": loss.item()}
-        if align_loss is not None:
-            metrics.update({"loss/align": align_loss.item(), **{k: v.item() for k, v in diagnostics.items()}})
-        return loss, metrics
+        return self.objective(model, clean, labels, batch, step, gen, self.input_dtype, self.channels_last)
 
     def _clean(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
         """The clean sample: the tile, or in latent space a draw from the cached VAE posterior."""
@@ -230,30 +193,6 @@ class FadTask:
         mean, logvar = batch["latent"].to(device).chunk(2, dim=1)
         eps = torch.randn(mean.shape, generator=gen).to(device)
         return (mean + torch.exp(0.5 * logvar) * eps) * self.vae_scale
-
-    def _expert_target(self, batch: dict, noisy: torch.Tensor, step: int, clean: torch.Tensor,
-                       noised: Noised) -> torch.Tensor | None:
-        cfg = self.cfg
-        if not cfg.align.enabled or (cfg.align.until_step is not None and step >= cfg.align.until_step):
-            return None
-        if cfg.align.target == "cached":
-            return batch["spatial" if needs_spatial(cfg) else "pooled"].to(self.backend.device)
-        with torch.no_grad():  # the expert sees a noisy input, every step (the reference's behaviour)
-            if cfg.align.target == "noisy-reference":  # the reference's own x_t (in [0, 1]), mapped to [-1, 1]
-                seen = reference_noisy(self.noise, clean, noised.noise, noised.timesteps) * 2 - 1
-            else:
-                seen = noisy.float()
-            return self.online_expert.features(self.online_expert_input(seen))
-
-    def online_expert_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Tiles in [-1, 1] -> the expert's input. noisy-online: the expert's own (size, channels and
-        normalisation from its card). noisy-reference: the reference's: the tile at its own size (not resized
-        to the expert's), in [0, 1], not normalised (and the expert's BatchNorm in train mode, set at build)."""
-        if self.cfg.align.target == "noisy-online":
-            return expert_input(images, self.card)
-        plain = {**self.card, "input_size": images.shape[-1],
-                 "normalization": {"mean": [0.0] * self.card["in_chans"], "std": [1.0] * self.card["in_chans"]}}
-        return expert_input(images, plain)
 
     # ---------------------------------------------------------------- periodic work
 
@@ -338,7 +277,7 @@ class FadTask:
                 features.append(batch[key].to(self.backend.device))
             else:
                 images = batch["image"].to(self.backend.device)
-                features.append(self.online_expert.features(self.online_expert_input(images)))
+                features.append(self.online_expert.features(self.objective.expert_input(images)))
             count += len(features[-1])
             if count >= tiles:
                 break

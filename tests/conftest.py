@@ -134,7 +134,7 @@ def make_latent_run(root: Path) -> Path:
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
-    from fadscale.models.unet import build_unet
+    from fadscale.core.models.unet import build_unet
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,

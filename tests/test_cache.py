@@ -10,11 +10,12 @@ import pytest
 import torch
 import webdataset as wds
 
-from fadscale.cache_features import build_cache, check_cache
+from fadscale.artifacts.feature_cache import check_cache
+from fadscale.cache_features import build_cache
 from fadscale.config import dump_config
 from fadscale.data.loader import apply_view, decode_image
 from fadscale.data.shard import shard_urls
-from fadscale.models.expert import expert_input, load_expert
+from fadscale.core.models.expert import expert_input, load_expert
 from fadscale.errors import FadscaleError
 from tests.conftest import fad_config, run_module, train_fad
 
@@ -153,7 +154,7 @@ def _tiny_clip(folder) -> str:
 
 
 def test_text_conditioning_is_computed_once_and_frozen(tiny_shards, tiny_expert, tmp_path):
-    from fadscale.conditioning import CONDITIONING_FILE, class_prompts, encode_prompts, load_table
+    from fadscale.core.conditioning import CONDITIONING_FILE, class_prompts, encode_prompts, load_table
     from fadscale.train_fad import fad_trainer
 
     encoder = _tiny_clip(tmp_path / "clip")

@@ -129,7 +129,7 @@ def test_an_installed_package_renders_a_slurm_script(installed, tmp_path):
 
 
 def test_overwrite_replaces_only_an_earlier_demo_and_never_the_data(tmp_path):
-    from fadscale.demo import run_demo
+    from fadscale.pipeline.demo import run_demo
     from fadscale.errors import FadscaleError
 
     out = tmp_path / "out"
@@ -165,7 +165,7 @@ def test_dependencies_are_ranges_and_the_constraints_pin_what_is_installed():
 
 
 def test_the_stage_clock_reports_with_and_without_expected_costs(capsys):
-    from fadscale.pipeline import StageClock
+    from fadscale.pipeline.plan import StageClock
 
     for expected in ({"a": 1.0, "b": 2.0}, {}):
         clock = StageClock(expected)
@@ -176,8 +176,8 @@ def test_the_stage_clock_reports_with_and_without_expected_costs(capsys):
 
 
 def test_steps_sets_each_arms_training_length_and_keeps_a_dozen_curve_points(tmp_path):
-    from fadscale.demo import EVAL_EVERY, demo_plan, run_demo
-    from fadscale.pipeline import arm_config
+    from fadscale.pipeline.demo import EVAL_EVERY, demo_plan, run_demo
+    from fadscale.pipeline.plan import arm_config
     from fadscale.errors import FadscaleError
 
     default = demo_plan(tmp_path / "out")
@@ -199,8 +199,8 @@ def test_colour_tiles_take_the_real_tile_recipe_and_the_gpu_preset_needs_a_gpu(t
     import torch
     from PIL import Image
 
-    from fadscale.demo import demo_plan, run_demo
-    from fadscale.pipeline import arm_config
+    from fadscale.pipeline.demo import demo_plan, run_demo
+    from fadscale.pipeline.plan import arm_config
     from fadscale.errors import FadscaleError
 
     rng = np.random.default_rng(0)
@@ -219,15 +219,31 @@ def test_colour_tiles_take_the_real_tile_recipe_and_the_gpu_preset_needs_a_gpu(t
     gpu = arm_config(demo_plan(tmp_path / "o", str(tmp_path / "stained"), preset="gpu"), "fad")
     assert (gpu.model.preset, gpu.data.image_size, gpu.data.channels) == ("tiny-sd", 64, 3)
     # A data set by name goes through the downloader (tests/test_download.py serves it over loopback).
-    import fadscale.demo
+    import fadscale.pipeline.demo
 
     def offline(name, **_):
         raise FadscaleError(f"{name}: could not download (offline)")
 
-    monkeypatch.setattr(fadscale.demo, "fetch", offline)
+    monkeypatch.setattr(fadscale.pipeline.demo, "fetch", offline)
     with pytest.raises(FadscaleError, match="kather16: could not download"):
         run_demo(tmp_path / "out", data="kather16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(FadscaleError, match="--preset gpu .* needs a CUDA GPU"):
         run_demo(tmp_path / "out", data=str(tmp_path / "stained"), preset="gpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_report_says_the_same_in_markdown_and_html():
+    """One list of blocks renders report.md and report.html: the same text, the same order."""
+    from fadscale.pipeline import document as report
+
+    blocks = [report.Heading("The bar"), report.Paragraph("accuracy < bar", "bad"),
+              report.Table(["check", "vanilla"], [["Frechet ratio", "1.6 pass"]], [["", "good"]]),
+              report.Image("samples"), report.Code(["fadscale demo --out demo-out"])]
+    md = report.markdown(blocks)
+    page = report.html(blocks, "fadscale demo report", {"samples": b"\x89PNG-bytes"})
+    assert md.index("## The bar") < md.index("accuracy < bar") < md.index("| Frechet ratio | 1.6 pass |") \
+        < md.index("![samples](report-samples.png)") < md.index("fadscale demo --out demo-out")
+    assert page.index("<h2>The bar</h2>") < page.index("<p class='bad'>accuracy &lt; bar</p>") \
+        < page.index("<td class='good'>1.6 pass</td>") < page.index("data:image/png;base64,") \
+        < page.index("<pre>fadscale demo --out demo-out</pre>")

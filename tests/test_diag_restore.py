@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fadscale.evaluation.inputs import load_real_tiles
-from fadscale.sample import load_run
+from fadscale.core.evaluation.inputs import load_real_tiles
+from fadscale.artifacts.run import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from fadscale.evaluate import evaluate_samples
-from fadscale.evaluation.inputs import export_real_tiles
+from fadscale.core.evaluation.inputs import export_real_tiles
 from fadscale.errors import FadscaleError
 
 from .conftest import run_module
@@ -117,7 +117,7 @@ def test_independence_is_decided_from_the_cards_training_data(real_as_samples, t
                               evaluator__alignment_expert=alignment("other", manifest_sha256="0" * 64), **common)
     assert report["evaluator"]["shares_training_tiles"] is False
     assert "different shard sets" in (tmp_path / "r1/report.md").read_text()
-    from fadscale.models.expert import shared_training_tiles
+    from fadscale.core.models.expert import shared_training_tiles
 
     a, b = ({"sha256": s, "data": {"manifest_sha256": "m", "subset": h, "subset_seed": 0}} for s, h in (("1", "A"), ("2", "B")))
     assert shared_training_tiles(a, b) == (False, "disjoint halves A and B of the same shards (subset seed 0)")
@@ -166,7 +166,7 @@ def test_copy_check_passes_unseen_tiles_and_fails_a_generator_that_memorises(rea
 
 
 def test_class_colour_is_compared_channel_by_channel():
-    from fadscale.evaluation.distances import intensity_by_class
+    from fadscale.core.evaluation.distances import intensity_by_class
 
     torch.manual_seed(0)
     real = {"A": torch.randint(60, 200, (10, 3, 8, 8), dtype=torch.uint8)}

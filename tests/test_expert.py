@@ -33,7 +33,7 @@ import fadscale.train_expert as train_expert
 import fadscale.training.trainer as training_loop
 from fadscale.config import ExpertConfig, dump_config
 from fadscale.data.loader import batches_per_epoch, split_count
-from fadscale.models.expert import Expert, load_expert, load_initial_weights, read_card
+from fadscale.core.models.expert import Expert, load_expert, load_initial_weights, read_card
 from fadscale.runtime.distributed import detect_world, first_host
 from fadscale.errors import FadscaleError
 from fadscale.runtime.io import sha256_file

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from fadscale.cli import app
 from fadscale.export import export_run
 from fadscale.errors import FadscaleError
-from fadscale.sample import class_folder, image_seed, sample_config, sample_images
+from fadscale.artifacts.sample_set import class_folder
+from fadscale.sample import image_seed, sample_config, sample_images
 
 from .conftest import make_latent_run
 
@@ -75,7 +76,7 @@ def test_diffusers_loads_it_and_makes_the_tiles_fadscale_sample_makes(exported, 
 def test_without_trust_remote_code_diffusers_refuses_and_fadscale_loads_it_without_running_its_code(exported):
     from diffusers import DiffusionPipeline
 
-    from fadscale.hub_pipeline import FadscalePipeline
+    from fadscale.artifacts.hub_pipeline import FadscalePipeline
 
     with pytest.raises(ValueError, match="trust_remote_code"):
         DiffusionPipeline.from_pretrained(exported)
@@ -111,7 +112,7 @@ def test_export_refuses_to_overwrite_and_names_a_missing_run(exported, tiny_fad_
 
 
 def test_a_latent_run_exports_its_vae_and_decodes_to_the_runs_channels(tmp_path):
-    from fadscale.hub_pipeline import FadscalePipeline
+    from fadscale.artifacts.hub_pipeline import FadscalePipeline
 
     final = make_latent_run(tmp_path)
     out = export_run(final.parent, tmp_path / "pipe")

@@ -15,13 +15,14 @@ import pytest
 import torch
 import yaml
 
-from fadscale.align import FeatureTap, build_projector
-from fadscale.conditioning import ClassConditioning
+from fadscale.core.align import FeatureTap, build_projector
+from fadscale.core.conditioning import ClassConditioning
 from fadscale.config import dump_config
-from fadscale.models.unet import build_unet, probe_feature_shape
+from fadscale.core.models.unet import build_unet, probe_feature_shape
 from fadscale.errors import FadscaleError
 from fadscale.runtime.logging import read_metrics
-from fadscale.train_fad import FadModel, fad_trainer
+from fadscale.core.fad import FadModel
+from fadscale.train_fad import fad_trainer
 from tests.conftest import fad_config, run_module, train_fad, trained_fad_run
 
 LAYER = "down_blocks.2.resnets.0.conv_shortcut"
@@ -322,9 +323,9 @@ def test_online_reference_target_uses_the_unnormalised_input_and_batch_statistic
     task: FadTask = trainer.task
     assert task.online_expert.training  # BatchNorm on batch statistics, as the reference leaves it
     images = torch.full((2, 1, 32, 32), -1.0)  # black tiles: 0 in the [0, 1] range, not (0 - 0.5) / 0.5
-    assert task.online_expert_input(images).abs().max() == 0
+    assert task.objective.expert_input(images).abs().max() == 0
     # The tile at its own size, whatever the expert's input size (the reference feeds its 64 px tile as it is).
-    assert task.online_expert_input(torch.zeros(2, 1, 16, 16)).shape[-1] == 16
+    assert task.objective.expert_input(torch.zeros(2, 1, 16, 16)).shape[-1] == 16
 
 
 def test_reference_noisy_input_is_the_references_own_x_t():
@@ -332,7 +333,7 @@ def test_reference_noisy_input_is_the_references_own_x_t():
     amplitude, not (x_t + 1) / 2 of a [-1, 1] diffusion (half the noise, shifted)."""
     from diffusers import DDPMScheduler
 
-    from fadscale.objective import add_noise, reference_noisy
+    from fadscale.core.objective import add_noise, reference_noisy
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     clean = torch.rand(4, 1, 8, 8) * 2 - 1
@@ -348,8 +349,8 @@ def test_reference_noisy_input_is_the_references_own_x_t():
 def test_repa_compares_on_the_coarser_grid_and_never_upsamples_the_expert_map():
     import torch.nn.functional as F
 
-    from fadscale.align import RepaProjector
-    from fadscale.objective import cosine_alignment_loss
+    from fadscale.core.align import RepaProjector
+    from fadscale.core.objective import cosine_alignment_loss
 
     torch.manual_seed(0)
     projector = RepaProjector(expert_dim=6, unet_channels=4, hidden=8)
@@ -377,7 +378,7 @@ def test_until_step_switches_the_alignment_off(tiny_shards, tiny_expert, tmp_pat
 def test_objective_targets_and_min_snr_weights():
     from diffusers import DDPMScheduler
 
-    from fadscale.objective import add_noise, min_snr_weights, noise_loss
+    from fadscale.core.objective import add_noise, min_snr_weights, noise_loss
 
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     clean = torch.rand(4, 1, 8, 8) * 2 - 1

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fadscale.align import build_projector
-from fadscale.conditioning import ClassConditioning
-from fadscale.models.unet import build_unet, probe_feature_shape
-from fadscale.sampling import SCHEDULERS, generate, make_scheduler
-from fadscale.train_fad import FadModel
+from fadscale.core.align import build_projector
+from fadscale.core.conditioning import ClassConditioning
+from fadscale.core.models.unet import build_unet, probe_feature_shape
+from fadscale.core.sampling import SCHEDULERS, generate, make_scheduler
+from fadscale.core.fad import FadModel
 
 LAYER = "down_blocks.2.resnets.0.conv_shortcut"
 NOISE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fadscale import launch
-from fadscale.launch import render_sbatch, submit
+from fadscale.runtime import launcher as launch
+from fadscale.runtime.launcher import render_sbatch, submit
 from fadscale.stages import STAGES, stage
 from fadscale.stages import stage as find_stage
 from fadscale.errors import FadscaleError
@@ -414,7 +414,7 @@ def test_two_nodes_with_stub_srun(stage: str, tmp_path: Path):
     run = tmp_path / "run"
     cfg = tmp_path / "fake.yaml"
     cfg.write_text(yaml.safe_dump({"run": {"out_dir": str(run)}, "fake": {"steps": 3, "step_s": 0.05}}))
-    text = render_sbatch(stage, cfg, nodes=2, gpus_per_node=1, cpu=True, module="tests.slurm_fake_stage")
+    text = render_sbatch(stage, cfg, nodes=2, gpus_per_node=1, cpu=True, module="tests.helpers.slurm_fake_stage")
     script = tmp_path / "job.sbatch"
     script.write_text(text)
     _stub_bin(tmp_path / "bin", tmp_path / "scontrol.log")
@@ -434,7 +434,7 @@ def test_usr1_trap_with_stub_slurm(tmp_path: Path):
     run = tmp_path / "run"
     cfg = tmp_path / "fake.yaml"
     cfg.write_text(yaml.safe_dump({"run": {"out_dir": str(run)}, "fake": {"steps": 400, "step_s": 0.1}}))
-    text = render_sbatch("expert", cfg, nodes=1, gpus_per_node=2, cpu=True, module="tests.slurm_fake_stage")
+    text = render_sbatch("expert", cfg, nodes=1, gpus_per_node=2, cpu=True, module="tests.helpers.slurm_fake_stage")
     script = tmp_path / "job.sbatch"
     script.write_text(text)
     log = tmp_path / "scontrol.log"
@@ -477,7 +477,7 @@ def test_deepspeed_zero2_cpu_two_ranks(tmp_path: Path):
     result = tmp_path / "result.json"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(REPO / "tests" / "ds_zero2_check.py"), "--config", str(ZERO2), "--steps", "6", "--out", str(result),
+        str(REPO / "tests" / "helpers" / "ds_zero2_check.py"), "--config", str(ZERO2), "--steps", "6", "--out", str(result),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -96,3 +96,62 @@ def test_the_stage_list_lives_in_stages_py_only():
         text = path.read_text(encoding="utf-8")
         named = {m for m in modules if f'"{m}"' in text or f"'{m}'" in text}
         assert not named, (path, named)
+
+
+# The layers, from the bottom: what the method and the formats are built from, then the stages (the modules
+# `python -m` and `fadscale <command>` run), then what composes stages (pipeline/) and the CLI over all.
+STAGE_MODULES = {"fadscale.train_expert", "fadscale.cache_features", "fadscale.train_fad", "fadscale.sample",
+                 "fadscale.evaluate", "fadscale.export"}
+LIBRARY = ("fadscale.core", "fadscale.artifacts", "fadscale.config", "fadscale.data", "fadscale.training",
+           "fadscale.runtime", "fadscale.errors", "fadscale.resources", "fadscale.stages")
+COMPOSERS = ("fadscale.pipeline", "fadscale.cli")
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Imports against the layering: the library never imports a stage or a composer; a stage never imports
+    another stage or a composer. Only pipeline/ and the CLI put stages together."""
+    found = []
+    for module, deps in sorted(graph.items()):
+        for dep in sorted(deps):
+            if module.startswith(LIBRARY) and (dep in STAGE_MODULES or dep.startswith(COMPOSERS)):
+                found.append(f"library {module} imports {dep}")
+            elif module in STAGE_MODULES and (dep in STAGE_MODULES or dep.startswith(COMPOSERS)):
+                found.append(f"stage {module} imports {dep}")
+    return found
+
+
+def test_the_layer_rule_finds_a_stage_importing_a_stage():
+    graph = {"fadscale.train_fad": {"fadscale.cache_features"}, "fadscale.core.probe": {"fadscale.evaluate"},
+             "fadscale.pipeline.plan": {"fadscale.train_fad", "fadscale.sample"}, "fadscale.cache_features": set()}
+    assert layer_violations(graph) == ["library fadscale.core.probe imports fadscale.evaluate",
+                                       "stage fadscale.train_fad imports fadscale.cache_features"]
+
+
+def test_stages_import_only_the_library_and_only_pipeline_composes_stages():
+    graph = import_graph()
+    assert STAGE_MODULES <= set(graph)  # the rule names modules that exist
+    assert layer_violations(graph) == []
+    every = {m for m in graph if m not in ("fadscale", "fadscale.bundled")}
+    placed = {m for m in every if m in STAGE_MODULES or m.startswith(LIBRARY + COMPOSERS)}
+    assert placed == every, f"modules in no layer: {sorted(every - placed)}"
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists the packages explicitly (configs/ and launch/ are mapped in): a new folder must be there."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert folders - {"fadscale.bundled"} <= listed
+
+
+def test_no_card_is_parsed_outside_artifacts():
+    """Cards and manifests are read through fadscale.artifacts (one checked reader per format): no line
+    elsewhere parses JSON from a card."""
+    for path in PACKAGE.rglob("*.py"):
+        if "artifacts" in path.relative_to(PACKAGE).parts:
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "json.load" in line:
+                assert not any(word in line for word in ("card", "expert.json", "manifest.json", "report.json")), \
+                    f"{path}:{number}: {line.strip()}"

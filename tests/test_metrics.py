@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fadscale.metrics import (accuracy_from_confusion, confusion_matrix, frechet_distance, frechet_from_stats,
+from fadscale.core.metrics import (accuracy_from_confusion, confusion_matrix, frechet_distance, frechet_from_stats,
                               gaussian_stats, kernel_distance, orientation_coherence, precision_recall, random_pairs,
                               ssim_diversity)
 

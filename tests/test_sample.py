@@ -77,7 +77,7 @@ def test_layout_and_manifest(sample_set, tiny_fad_run):
 
 def test_shards_hold_the_same_tiles(sample_set):
     from fadscale.data.loader import eval_loader
-    from fadscale.sampling import to_uint8
+    from fadscale.core.sampling import to_uint8
 
     folder, manifest = sample_set
     assert manifest["shards"] == "shards"

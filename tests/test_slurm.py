@@ -1,4 +1,4 @@
-"""`fadscale submit` against a real single-node SLURM on this machine (tests/slurm_cluster.py): a job
+"""`fadscale submit` against a real single-node SLURM on this machine (tests/helpers/slurm_cluster.py): a job
 runs to the end with 2 processes, and a preempted job (USR1 to the batch shell) checkpoints, requeues
 itself, resumes and finishes.
 
@@ -10,7 +10,7 @@ what else to check at the end. The cases:
   --num_processes 2`, CPU, cpu-tiny UNet on the session's procedural shards and expert, feature
   cache built in-process beforehand): run to the end, submitted through the CLI (`fadscale submit
   train --cpu --gpus-per-node 2`); and preempted with `scancel --signal=USR1 --batch`.
-- `fake-torchrun` (`tests/slurm_fake_stage.py`, a stand-in that honours the trainers' STOP/resume
+- `fake-torchrun` (`tests/helpers/slurm_fake_stage.py`, a stand-in that honours the trainers' STOP/resume
   contract): the torchrun launcher (the expert stage's) under SLURM, in ~12 s.
 
 Cases dropped to keep the file short (they added nothing the `train` cases do not check): the
@@ -32,9 +32,9 @@ from typing import Callable
 import pytest
 import yaml
 
-from fadscale.launch import submit
+from fadscale.runtime.launcher import submit
 from tests.conftest import fad_config
-from tests.slurm_cluster import LocalSlurm, SlurmUnavailable
+from tests.helpers.slurm_cluster import LocalSlurm, SlurmUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -70,7 +70,7 @@ def slurm_fad_cache(tiny_shards: Path, tiny_expert: Path, tmp_path_factory) -> P
 
 @pytest.fixture()
 def in_repo(monkeypatch):
-    """Submit from the repository root: the job runs there, so `-m tests.slurm_fake_stage` imports."""
+    """Submit from the repository root: the job runs there, so `-m tests.helpers.slurm_fake_stage` imports."""
     monkeypatch.chdir(REPO)
 
 
@@ -116,7 +116,7 @@ def _final_step(out_dir: Path) -> int | None:
     return None if card is None else int(card["step"])
 
 
-# ---- the stand-in (tests/slurm_fake_stage.py) ----------------------------------------------------
+# ---- the stand-in (tests/helpers/slurm_fake_stage.py) ----------------------------------------------------
 
 
 def _fake_config(step_s: float) -> Callable[[Path, Path, int, dict], Path]:
@@ -147,7 +147,7 @@ def _fake_case(case_id: str, stage: str) -> StageCase:
     return StageCase(
         id=case_id,
         stage=stage,
-        module="tests.slurm_fake_stage",
+        module="tests.helpers.slurm_fake_stage",
         write_config=_fake_config(step_s=0.2),
         progress=_fake_progress,
         final_step=_final_step,

@@ -196,7 +196,7 @@ def torch_finite(tensor) -> bool:
 
 
 def test_damaged_final_weights_are_refused_by_sample_and_export(tiny_fad_run, tmp_path):
-    from fadscale.sample import load_run
+    from fadscale.artifacts.run import load_run
 
     run = tmp_path / "run"
     shutil.copytree(tiny_fad_run / "final", run / "final")
@@ -211,7 +211,7 @@ def test_damaged_final_weights_are_refused_by_sample_and_export(tiny_fad_run, tm
 
 def test_a_damaged_export_is_refused_by_its_loader(tiny_fad_run, tmp_path):
     from fadscale.export import export_run
-    from fadscale.hub_pipeline import FadscalePipeline
+    from fadscale.artifacts.hub_pipeline import FadscalePipeline
 
     out = export_run(tiny_fad_run, tmp_path / "export")
     assert json.loads((out / "checksums.json").read_text())["files"]["unet/diffusion_pytorch_model.safetensors"]

@@ -36,31 +36,17 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the benchmark's output
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_step  # noqa: E402  (the FAD step measured here is bench_step's `fad` arm)
+import bench_step  # noqa: E402
+from fadscale.artifacts import EXPERT_CARD  # noqa: E402  (the FAD step measured here is bench_step's `fad` arm; the same folder)
 
-NORMALIZATION = {"mean": [0.5], "std": [0.5]}
 TEXT_TOKENS = 77
 
 
 # ------------------------------------------------------------------------------------------ build
-
-
-def random_expert(out: Path, arch: str, input_size: int, classes: list[str]) -> dict:
-    """Save an expert card with random weights (the timing and the storage do not depend on them)."""
-    from fadscale import __version__
-    from fadscale.models.expert import Expert, save_expert
-
-    torch.manual_seed(0)
-    model = Expert(arch, len(classes), 1, input_size, head="linear")
-    card = {"arch": arch, "head": "linear", "classes": classes, "in_chans": 1, "input_size": input_size,
-            "normalization": NORMALIZATION, "feature_dim": model.feature_dim,
-            "spatial_feature_dim": model.spatial_dim, "val_accuracy": None, "note": "random weights (bench_cache)",
-            "fadscale_version": __version__}
-    return save_expert(out, model, card)
 
 
 def cache_config(shards: Path, card: Path, cache: Path, spatial: bool, batch_size: int, size: int):
@@ -90,16 +76,13 @@ def bench_build(args, root: Path) -> dict:
     from fadscale import cache_features
     from fadscale.data.shard import shard_dataset
 
-    bar = cache_features.tqdm  # no progress bar in the benchmark's output
-    cache_features.tqdm = lambda *a, **k: bar(*a, **{**k, "disable": True})
-
     shards = root / "shards"
     source = shard_dataset(f"procedural:per_class={args.tiles},size={args.size},seed=0", shards, val_fraction=0.0,
                            grayscale=True, progress=False)
     train = source["splits"]["train"]
     png_per_tile = sum(s["bytes"] for s in train["shards"]) / train["count"]
     classes = [c["name"] for c in source["classes"]]
-    card = random_expert(root / "expert", args.expert, args.input_size, classes)
+    card = EXPERT_CARD.read(bench_step.random_expert(root / "expert", args.expert, args.input_size, classes))
     result = {"expert": args.expert, "input_size": args.input_size, "feature_dim": card["feature_dim"],
               "spatial_feature_dim": card["spatial_feature_dim"], "tile_size": args.size, "tiles": train["count"],
               "cache_batch_tiles": args.cache_batch, "repeats": args.repeats,
@@ -112,7 +95,7 @@ def bench_build(args, root: Path) -> dict:
                                args.size)
             start = time.perf_counter()
             with contextlib.redirect_stdout(sys.stderr):
-                manifest = cache_features.build_cache(cfg, overwrite=True)
+                manifest = cache_features.build_cache(cfg, overwrite=True, progress=False)
             wall = time.perf_counter() - start
             meta = manifest["cache"]
             runs.append({"tiles_built": meta["tiles_built"], "build_seconds": meta["build_seconds"],

@@ -6,7 +6,7 @@ training makes class-faithful ones?
     python tools/bench_quality.py --preset gpu          # tiny-sd at 64 px, the same table (one GPU)
     python tools/bench_quality.py --preset real         # the 127 real Kather tiles of ../shared/data (sanity check)
 
-Design (fadscale.pipeline): the tiles are sharded once (80/20 train/val, stratified); the alignment
+Design (fadscale.pipeline.plan): the tiles are sharded once (80/20 train/val, stratified); the alignment
 expert is trained on subset A of the train split, the evaluator on the disjoint subset B (as in the
 demo); the feature caches come from the alignment expert. Then for each seed, each arm trains with
 `run.seed=seed` and the same recipe (configs/tiny/fad.yaml, the demo's: cpu-base UNet, class embedding,
@@ -65,7 +65,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from fadscale.evaluate import report_value  # noqa: E402
+from fadscale.artifacts import CACHE_MANIFEST, EXPERT_CARD, RUN_CARD  # noqa: E402
+from fadscale.core.evaluation.report import report_value  # noqa: E402
 from fadscale.runtime.logging import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,13 +241,13 @@ def _digits(key: str) -> int:
 
 
 def build_plan(args, preset: dict, out: Path):
-    from fadscale.pipeline import Plan
+    from fadscale.pipeline.plan import Plan
 
     fad = [f"train.max_steps={preset['steps']}", f"data.batch_size={preset['batch']}",
            f"checkpoint.every={max(preset['steps'], 1)}", "checkpoint.keep_last=1", *preset["fad"], *args.set]
     scheduler, steps = preset["sampler"]
-    sample = {"sample__scheduler": scheduler, "sample__steps": steps, "sample__batch_size": preset["sample_batch"]}
-    evaluate = {"utility__enabled": not args.no_utility, "evaluator__batch_size": preset["eval_batch"]}
+    sample = [f"sample.scheduler={scheduler}", f"sample.steps={steps}", f"sample.batch_size={preset['sample_batch']}"]
+    evaluate = [f"utility.enabled={str(not args.no_utility).lower()}", f"evaluator.batch_size={preset['eval_batch']}"]
     return Plan(out=out, source=preset["source"], image_size=preset["image_size"], seed=0, arms=dict(ARMS),
                 expert_overrides=list(preset["expert"]), alignment_expert_overrides=list(preset["alignment_expert"]),
                 fad_overrides=fad, per_class=preset["per_class"], eval_every=preset["eval_every"],
@@ -255,7 +256,7 @@ def build_plan(args, preset: dict, out: Path):
 
 def expected_costs(plan, preset: dict, seeds: list[int], arms: dict, sampler_row: bool) -> dict[str, float]:
     """Rough stage costs (seconds on 2 idle CPU cores; a guess on a GPU), for the progress ETA only."""
-    from fadscale.pipeline import arm_stage_names, prepare_stage_names
+    from fadscale.pipeline.plan import arm_stage_names, prepare_stage_names
 
     step = 0.16 * (preset["image_size"] / 32) ** 2 * preset["batch"] / 16
     costs = {name: 5.0 for name in prepare_stage_names(plan, arms)}
@@ -285,7 +286,7 @@ def row_samplers(preset: dict) -> list[tuple[str, str, int]]:
 
 
 def run_bench(args) -> dict:
-    from fadscale.pipeline import StageClock, evaluate_run, prepare, recipe_steps, run_arm, sample_run
+    from fadscale.pipeline.plan import StageClock, evaluate_run, prepare, recipe_steps, run_arm, sample_run
 
     preset = dict(PRESETS[args.preset])
     if args.quick:
@@ -317,7 +318,7 @@ def run_bench(args) -> dict:
     clock = StageClock(expected_costs(plan, preset, seeds, arms, sampler_row))
     started = time.perf_counter()
     prepared = prepare(plan, clock, arms)
-    evaluator_card = json.loads(Path(prepared.evaluator).read_text())
+    evaluator_card = EXPERT_CARD.read(prepared.evaluator)
 
     runs = []
     for seed in seeds:
@@ -332,12 +333,12 @@ def run_bench(args) -> dict:
         for label, scheduler, steps in row_samplers(preset):
             samples = out / f"samplerrow-{label}"
             manifest = clock.run(f"sampler {label}", lambda: sample_run(
-                plan, run_dir, samples, seed=seeds[0], sample__scheduler=scheduler, sample__steps=steps,
-                sample__per_class=preset["sampler_row_per_class"]))
+                plan, run_dir, samples, seed=seeds[0], overrides=[f"sample.scheduler={scheduler}", f"sample.steps={steps}",
+                                                                  f"sample.per_class={preset['sampler_row_per_class']}"]))
             rows[label] = {"scheduler": scheduler, "steps": steps, "images": manifest["count"],
                            "s_per_image": manifest["timing"]["s_per_image"], "wall_s": manifest["timing"]["wall_s"]}
             report = clock.run(f"evaluate sampler {label}", lambda: evaluate_run(
-                plan, prepared, samples, out / f"eval-samplerrow-{label}", seed=seeds[0], utility__enabled=False))
+                plan, prepared, samples, out / f"eval-samplerrow-{label}", seed=seeds[0], overrides=["utility.enabled=false"]))
             rows[label]["metrics"] = metrics_of(report)
         sampler = {"run": str(run_dir), "per_class": preset["sampler_row_per_class"], "rows": rows}
 
@@ -347,7 +348,7 @@ def run_bench(args) -> dict:
 
 def _record(result: dict, arm: str, seed: int, preset: dict) -> dict:
     report, manifest = result["report"], result["manifest"]
-    card = json.loads((Path(result["run"]) / "final" / "run_card.json").read_text())
+    card = RUN_CARD.read(Path(result["run"]) / "final")
     final = card.get("final_metrics", {})
     accuracy_bar = report_value(report, ("real_accuracy", "overall"))
     curve = convergence(Path(result["run"]), accuracy_bar, preset["frechet_bar"])
@@ -393,9 +394,9 @@ def assemble(args, preset, plan, prepared, evaluator_card, runs, arms, sampler, 
         verdicts[arm] = arm_verdict(differences[arm])
     arrays = {}
     for folder in prepared.caches.values():
-        shapes = json.loads((Path(folder) / "manifest.json").read_text())["cache"]["arrays"]
+        shapes = CACHE_MANIFEST.read(folder)["cache"]["arrays"]
         arrays.update({key.removesuffix(".npy"): value["shape"] for key, value in shapes.items()})
-    alignment_card = json.loads(Path(prepared.alignment_expert).read_text())
+    alignment_card = EXPERT_CARD.read(prepared.alignment_expert)
     first = runs[0]["real"] if runs else {}
     scheduler, sampler_steps = preset["sampler"]
     return {

@@ -40,11 +40,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from fadscale.evaluate import report_value  # noqa: E402
+from fadscale.core.evaluation.report import report_value  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-OLD_SAMPLER = {"sample__scheduler": "ddim", "sample__steps": 20}
-NEW_SAMPLER = {"sample__scheduler": "dpm++", "sample__steps": 25}
+OLD_SAMPLER = ["sample.scheduler=ddim", "sample.steps=20"]
+NEW_SAMPLER = ["sample.scheduler=dpm++", "sample.steps=25"]
 OLD = ["model.preset=cpu-tiny", "conditioning.class_embedding=false", "noise.prediction_type=epsilon",
        "noise.timestep_spacing=leading", "train.mixed_precision=no", "noise.timestep_power=1", "train.max_steps=800"]
 LADDER = {  # name -> (FadConfig overrides, sampler)
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from bench_quality import paired
 
-    from fadscale.pipeline import Plan, Prepared, StageClock, prepare, run_arm
+    from fadscale.pipeline.plan import Plan, Prepared, StageClock, prepare, run_arm
     from fadscale.runtime.distributed import set_cpu_threads
 
     threads = set_cpu_threads(args.threads)
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
         prepared = reuse_demo(Path(args.from_demo), out, Prepared) if args.from_demo else prepare(plan, clock)
         for name in args.steps:
             overrides, sampler = LADDER[name]
-            plan.sample_overrides = dict(sampler)
+            plan.sample_overrides = list(sampler)
             for seed in seeds:
                 tag = name.strip("+") + (f"-s{seed}" if args.seeds else "")
                 result = run_arm(plan, prepared, "vanilla", ["align.enabled=false", *overrides, *args.set], seed=seed,

@@ -1,11 +1,11 @@
-"""Sampling throughput: seconds per image of fadscale.sampling.generate, the loop `fadscale sample` and the
+"""Sampling throughput: seconds per image of fadscale.core.sampling.generate, the loop `fadscale sample` and the
 training grids run, at the demo's size, batched across classes; eager and torch.compile'd; against DDPM-1000.
 
     python tools/bench_sampling.py --threads 1                        # dpm++ 25 at batch 8/64/256 (compiled at 64), DDPM-1000 at 8
     python tools/bench_sampling.py --threads 2 --compile-batches 64 256 --reps 3
     python tools/bench_sampling.py --preset tiny-sd --size 64 --batches 64 256   # on a GPU
 
-The UNet is built by fadscale.models.unet.build_unet with random weights (--preset, --size, 1 channel, the
+The UNet is built by fadscale.core.models.unet.build_unet with random weights (--preset, --size, 1 channel, the
 class embedding for 8 classes + the null class) and a random class-token table; the time of a sampler step
 does not depend on the weights. Batch b holds labels 0..7 repeated (a batch across classes, as `fadscale
 sample` cuts its class-major order). fp32, as `sample.mixed_precision: auto` samples on a CPU.
@@ -32,14 +32,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fadscale.runtime.distributed import OtherLoad  # noqa: E402
+from fadscale.runtime.cpu_load import OtherLoad  # noqa: E402
 
 CLASSES = 8
 
 
 def build(preset: str, size: int, seed: int = 0):
     """A random-weight UNet of the preset (1 channel, class embedding) and a class-token table."""
-    from fadscale.models.unet import build_unet
+    from fadscale.core.models.unet import build_unet
 
     torch.manual_seed(seed)
     unet = build_unet(preset, 1, size, None, CLASSES + 1).eval().requires_grad_(False)
@@ -55,7 +55,7 @@ LOADS: list[float] = []  # other load (CPUs busy outside this process) during ea
 def sample_call(unet, table, batch: int, scheduler: str, steps: int, size: int) -> float:
     """Seconds for one generate() of `batch` images across the classes; notes the machine's other load."""
     from fadscale.config import NoiseSection
-    from fadscale.sampling import generate, make_scheduler, noise_config
+    from fadscale.core.sampling import generate, make_scheduler, noise_config
 
     sched = make_scheduler(scheduler, noise_config(NoiseSection()))
     labels = torch.arange(batch) % CLASSES

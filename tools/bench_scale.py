@@ -65,7 +65,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fadscale.runtime.distributed import OtherLoad  # noqa: E402
+from fadscale.runtime.cpu_load import OtherLoad  # noqa: E402
 
 MIB = 2**20
 DDP_BUCKET_BYTES = 25 * MIB  # DistributedDataParallel(bucket_cap_mb=25)
@@ -168,10 +168,10 @@ def fit_line(sizes: list[float], seconds: list[float], small: float = 64 * 1024,
 
 
 def fad_parameters(preset: str, size: int, channels: int = 1) -> list[torch.Tensor]:
-    """The trainable tensors of the FAD model (fadscale.train_fad.FadModel: UNet with the class embedding,
+    """The trainable tensors of the FAD model (fadscale.core.fad.FadModel: UNet with the class embedding,
     the class-token table, the seed projector) in registration order, on the meta device (no memory)."""
-    from fadscale.align import SeedProjector
-    from fadscale.models.unet import build_unet
+    from fadscale.core.align import SeedProjector
+    from fadscale.core.models.unet import build_unet
 
     with torch.device("meta"):
         unet = build_unet(preset, channels, size, None, CLASSES + 1)
@@ -255,7 +255,7 @@ def _step_worker(rank: int, world: int, port: int, spec: dict, out: str) -> None
     torch.set_num_threads(1)
     if spec["ddp"]:
         _init(rank, world, port)
-    from fadscale.models.unet import build_unet
+    from fadscale.core.models.unet import build_unet
 
     torch.manual_seed(0)  # the same initial weights on every rank
     model = _StepModel(build_unet(spec["preset"], 1, spec["size"], None, CLASSES + 1))

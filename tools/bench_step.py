@@ -7,7 +7,7 @@ checkpointing off and on.
     python tools/bench_step.py --preset tiny-sd --size 64 --batches 64 128   # on a GPU: images/s and MFU too
 
 What is timed is `Trainer.step` of fadscale.training on a `FadTask` (fadscale.train_fad), the same code a
-training run executes: loss from fadscale.objective, backward, clipping, AdamW, schedule, EMA. Setup (once,
+training run executes: loss from fadscale.core.objective, backward, clipping, AdamW, schedule, EMA. Setup (once,
 in --work): procedural shards, an expert card with random weights (`--expert` at `--input-size`; the
 timing does not depend on the weights) and its feature cache. Each arm runs in its own process (clean
 peak memory) with the same torch thread count: one untimed warm-up step, then the median of --reps steps.
@@ -66,7 +66,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from fadscale.runtime.distributed import OtherLoad  # noqa: E402
+from fadscale.runtime.cpu_load import OtherLoad  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 ARMS = {"vanilla": {"align": {"enabled": False}},
@@ -87,7 +87,7 @@ OPTIONS = {"default": {},
 def random_expert(out: Path, arch: str, input_size: int, classes: list[str]) -> Path:
     """An expert card with random weights (timing and storage do not depend on them); returns the card path."""
     from fadscale import __version__
-    from fadscale.models.expert import CARD_NAME, Expert, save_expert
+    from fadscale.core.models.expert import CARD_NAME, Expert, save_expert
 
     torch.manual_seed(0)
     model = Expert(arch, len(classes), 1, input_size, head="linear")

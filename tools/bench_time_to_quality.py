@@ -43,14 +43,14 @@ ARMS = {
     # estimate divides by sqrt(alpha_bar) ~ 0.006 and the tiles blow up (v-prediction has no such step).
     "plain": CONSTANT_LR + ["noise.prediction_type=epsilon", "noise.timestep_power=1", "noise.timestep_spacing=leading"],
 }
-SAMPLER = {"sample__scheduler": "dpm++", "sample__steps": 25}
+SAMPLER = ["sample.scheduler=dpm++", "sample.steps=25"]
 FIGURES = ["generation_accuracy", "frechet_ratio", "syn_over_real", "copy_share", "colour_gap", "recall"]
 
 
 def point_figures(report: dict) -> dict:
     """The numbers of one evaluation that the bar and the curve need."""
-    from fadscale.demo import quality_bar
-    from fadscale.evaluate import report_value
+    from fadscale.pipeline.demo import quality_bar
+    from fadscale.core.evaluation.report import report_value
 
     bar = quality_bar(report, real_tiles=True)
     orientation = {name: entry.get("generated") for name, entry in report["orientation"]["per_class"].items()}
@@ -80,13 +80,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from bench_recipe import reuse_demo
 
-    from fadscale.pipeline import Plan, Prepared, evaluate_run, sample_run, train_run
-    from fadscale.runtime.distributed import OtherLoad, set_cpu_threads
+    from fadscale.pipeline.plan import Plan, Prepared, evaluate_run, sample_run, train_run
+    from fadscale.runtime.cpu_load import OtherLoad
+    from fadscale.runtime.distributed import set_cpu_threads
 
     threads = set_cpu_threads(args.threads)
     out = Path(args.out)
     prepared = reuse_demo(Path(args.from_demo), out, Prepared)
-    plan = Plan(out=out, recipe="kather16", channels=3, sample_overrides=dict(SAMPLER), eval_every=None)
+    plan = Plan(out=out, recipe="kather16", channels=3, sample_overrides=list(SAMPLER), eval_every=None)
     rows: list[dict] = []
     for arm in args.arms:
         seconds = 0.0
@@ -99,7 +100,8 @@ def main(argv=None) -> None:
                 seconds += load.wall
                 tag = f"{arm}{args.tag}-{step}"
                 sample_run(plan, run_dir, out / f"samples-{tag}")
-                report = evaluate_run(plan, prepared, out / f"samples-{tag}", out / f"eval-{tag}", real__split=args.split)
+                report = evaluate_run(plan, prepared, out / f"samples-{tag}", out / f"eval-{tag}",
+                                      overrides=[f"real.split={args.split}"])
             row = {"arm": arm + args.tag, "settings": args.set, "split": args.split, "step": step, "train_seconds": round(seconds, 1), "threads": threads,
                    "other_load_cpus": round(load.cpus, 2), **point_figures(report)}
             rows.append(row)

@@ -2,7 +2,7 @@
 
 Real val tiles are noised to a low timestep t and brought back to t = 0 by DDPM's own ancestral steps (the
 run's noise schedule, every step). A model whose denoiser keeps thin oriented structure returns tiles with
-the originals' orientation coherence (fadscale.metrics.orientation_coherence: stroma's fibres score high,
+the originals' orientation coherence (fadscale.core.metrics.orientation_coherence: stroma's fibres score high,
 isotropic mottle low); one that does not returns mottle, whatever its generation accuracy. It isolates the
 low-noise end of the model from the layout decisions of full sampling, in seconds rather than a training run.
 
@@ -24,11 +24,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fadscale.evaluation.inputs import load_real_tiles  # noqa: E402
-from fadscale.metrics import orientation_coherence  # noqa: E402
-from fadscale.models.unet import uses_class_labels  # noqa: E402
-from fadscale.sample import load_run  # noqa: E402
-from fadscale.sampling import make_scheduler, to_uint8  # noqa: E402
+from fadscale.core.evaluation.inputs import load_real_tiles  # noqa: E402
+from fadscale.core.metrics import orientation_coherence  # noqa: E402
+from fadscale.core.models.unet import uses_class_labels  # noqa: E402
+from fadscale.artifacts.run import load_run  # noqa: E402
+from fadscale.core.sampling import make_scheduler, to_uint8  # noqa: E402
 
 
 @torch.no_grad()

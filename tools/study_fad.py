@@ -166,7 +166,7 @@ def ensure_shards(out: Path, quick: bool) -> Path:
 
 def ensure_expert(folder: Path, shards: Path, subset: str, seed: int, overrides: list[str]) -> Path:
     from fadscale.config import ExpertConfig
-    from fadscale.pipeline import tiny_config
+    from fadscale.pipeline.plan import tiny_config
     from fadscale.train_expert import train as train_expert
 
     card = folder / "expert.json"
@@ -175,14 +175,17 @@ def ensure_expert(folder: Path, shards: Path, subset: str, seed: int, overrides:
             f"run.out_dir={folder}", f"data.shards={shards}", f"data.subset={subset}", f"data.subset_seed={seed}",
             f"run.seed={seed}", *overrides], "kather16")
         train_expert(cfg)
+        if not card.is_file():  # stopped by a signal: checkpointed, not finished
+            raise SystemExit(f"{card}: not written (the expert was stopped); the same command resumes it")
     return card
 
 
 def run_cell(out: Path, seed: int, regime: str, arm: str, quick: bool) -> dict:
     """Train, sample and evaluate one (seed, regime, arm); returns (and keeps) its result record."""
+    from fadscale.artifacts import EXPERT_CARD
     from fadscale.cache_features import build_cache
     from fadscale.config import uses_cache
-    from fadscale.pipeline import Plan, Prepared, arm_config, evaluate_run, sample_run
+    from fadscale.pipeline.plan import Plan, Prepared, arm_config, evaluate_run, sample_run
     from fadscale.runtime.io import atomic_write_json
     from fadscale.train_fad import fad_trainer
 
@@ -206,8 +209,8 @@ def run_cell(out: Path, seed: int, regime: str, arm: str, quick: bool) -> dict:
                                f"eval.per_class={s['probe_per_class']}", f"data.subset_seed={seed}",
                                *([f"train.max_steps={s['steps']}"] if s["steps"] else []), *generator,
                                *s.get("extra", [])],
-                sample_overrides={"sample__scheduler": scheduler, "sample__steps": steps},
-                eval_overrides={} if not quick else {"utility__steps": 5})
+                sample_overrides=[f"sample.scheduler={scheduler}", f"sample.steps={steps}"],
+                eval_overrides=["utility.steps=5"] if quick else [])
     cfg = arm_config(plan, arm, ARMS[arm], seed=seed, tag=f"{arm}/run", alignment=alignment)
     started = time.perf_counter()
     if uses_cache(cfg):
@@ -215,19 +218,21 @@ def run_cell(out: Path, seed: int, regime: str, arm: str, quick: bool) -> dict:
     fad_trainer(cfg).run()
     train_s = time.perf_counter() - started
     run_dir = Path(cfg.run.out_dir)
+    if not (run_dir / "final" / "run_card.json").is_file():  # stopped by a signal: checkpointed, not finished
+        raise SystemExit(f"{run_dir}: stopped before its last step; the same command resumes it")
     manifest = sample_run(plan, run_dir, cell / "samples", seed=seed)
     prepared = Prepared(plan.out, shards, alignment, evaluator)
     report = evaluate_run(plan, prepared, cell / "samples", cell / "eval", seed=seed)
     result = {"seed": seed, "regime": regime, "arm": arm, "quick": quick, **record(report, run_dir),
               "train_s": round(train_s, 1), "sample_s": manifest["timing"]["wall_s"],
               "evaluator_accuracy_on_test": report_value(report, ("real_accuracy", "overall")),
-              "alignment_expert_val_accuracy": json.loads(alignment.read_text()).get("val_accuracy")}
+              "alignment_expert_val_accuracy": EXPERT_CARD.read(alignment).get("val_accuracy")}
     atomic_write_json(cell / "result.json", result)
     return result
 
 
 def report_value(report: dict, path):
-    from fadscale.evaluate import report_value as value
+    from fadscale.core.evaluation.report import report_value as value
 
     return value(report, path)
 

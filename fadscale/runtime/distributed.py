@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -41,8 +38,8 @@ class World:
 
 def cpu_threads(env: Mapping[str, str] | None = None) -> int:
     """Torch threads for this process: FADSCALE_THREADS when set, else the CPUs this process may use
-    divided by the processes on this node (LOCAL_WORLD_SIZE), at least 1. Measured on a 2-core machine: two
-    processes with two threads each run a step 10-30x slower than with one each."""
+    divided by the processes on this node (LOCAL_WORLD_SIZE), at least 1: oversubscribed cores slow a step
+    several-fold (docs/results/benchmarks.md)."""
     env = os.environ if env is None else env
     if env.get("FADSCALE_THREADS"):
         try:
@@ -54,39 +51,6 @@ def cpu_threads(env: Mapping[str, str] | None = None) -> int:
         return wanted
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, available // max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1)))
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (every process, other users' too), from /proc/stat (NaN
-    elsewhere)."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class OtherLoad:
-    """How many CPUs other processes kept busy while a block ran (benchmarks record it beside their timings):
-    the machine's busy time minus this process's own (`children=False`) or, for a block that runs child
-    processes and waits for them, the children's, over the block's wall time (`.wall`, `.cpus`)."""
-
-    def __init__(self, children: bool = False):
-        self._who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
-
-    def _own_cpu(self) -> float:
-        usage = resource.getrusage(self._who)
-        return usage.ru_utime + usage.ru_stime
-
-    def __enter__(self) -> "OtherLoad":
-        self._busy, self._own, self._start = busy_cpu_seconds(), self._own_cpu(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall = time.perf_counter() - self._start
-        others = busy_cpu_seconds() - self._busy - (self._own_cpu() - self._own)
-        self.cpus = max(0.0, others / self.wall)
 
 
 def set_cpu_threads(count: int | None = None) -> int:

@@ -3,10 +3,7 @@ ending in `report.html` (one self-contained file) and `report.md`."""
 
 from __future__ import annotations
 
-import base64
-import html
 import io
-import json
 import shutil
 import sys
 import time
@@ -15,10 +12,12 @@ from pathlib import Path
 import torch
 
 from fadscale import __version__
-from fadscale.evaluate import report_value
+from fadscale.artifacts import EXPERT_CARD, RUN_CARD
+from fadscale.core.evaluation.report import report_value
 from fadscale.data.download import DATASETS, fetch, is_named_dataset
 from fadscale.data.sources import holds_colour
-from fadscale.pipeline import Plan, recipe_steps, run_pipeline, stage_names
+from fadscale.pipeline import document
+from fadscale.pipeline.plan import Plan, recipe_steps, run_pipeline, stage_names
 from fadscale.errors import FadscaleError
 from fadscale.runtime.io import atomic_write_bytes, atomic_write_text
 from fadscale.runtime.logging import log_line, read_metrics
@@ -34,7 +33,7 @@ EXPECTED_SECONDS = {
                  "train fad": 320, "sample fad": 26, "evaluate fad": 28},
 }
 # The demo's sampler and learning-curve cadence (docs/results/recipe.md, for what they buy).
-SAMPLER = {"sample__scheduler": "dpm++", "sample__steps": 25}
+SAMPLER = ["sample.scheduler=dpm++", "sample.steps=25"]
 EVAL_EVERY = 100
 # For the ETA on a CPU without native bf16 (the UNets train in fp32): training seconds per arm measured on
 # 2 cores of an AVX2 EPYC, 548, over the table above (bf16, another 2-core machine), 212.
@@ -172,7 +171,7 @@ def comparison_grid(result: dict, per_row: int = 8) -> bytes:
     """One row per class: the scored real tiles (test, else val) | each arm's samples (large enough to see
     the tissue)."""
     plt = _pyplot()
-    from fadscale.evaluate import load_real_tiles, load_sample_set
+    from fadscale.core.evaluation.inputs import load_real_tiles, load_sample_set
 
     reports = result["reports"]
     first = next(iter(reports.values()))
@@ -287,7 +286,7 @@ def collapse_note(runs: dict[str, Path]) -> str | None:
     card_path = runs.get("fad", Path("-")) / "final" / "run_card.json"
     if not card_path.is_file():
         return None
-    diagnostic = json.loads(card_path.read_text()).get("alignment_diagnostic") or {}
+    diagnostic = RUN_CARD.read(card_path).get("alignment_diagnostic") or {}
     share, expert = diagnostic.get("target_top_direction_share"), diagnostic.get("expert_top_direction_share")
     if share is None:
         return None
@@ -320,8 +319,8 @@ def stage_commands(out: Path, recipe: str, source: str | None) -> list[str]:
 def write_report(result: dict, out: Path, total_seconds: float, command: str) -> Path:
     reports = result["reports"]
     runs = {arm: out / arm for arm in reports}
-    alignment_card = json.loads(Path(result["alignment_expert"]).read_text())
-    evaluator_card = json.loads(Path(result["evaluator"]).read_text())
+    alignment_card = EXPERT_CARD.read(result["alignment_expert"])
+    evaluator_card = EXPERT_CARD.read(result["evaluator"])
     real_accuracy = report_value(next(iter(reports.values())), ("real_accuracy", "overall"))
     images = {
         "samples": comparison_grid(result),
@@ -354,97 +353,66 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
         return f"{_fmt(value)} {'pass' if passed else 'FAIL' if passed is False else ''}".strip()
 
     bar_names = [(what, bar) for what, _, bar, _ in next(iter(bars.values()))]
-    trained = json.loads((runs[arms[0]] / "final" / "run_card.json").read_text())["config"]
-    md = ["# fadscale demo report\n",
-          f"fadscale {__version__}; {time.strftime('%Y-%m-%d %H:%M')}; {torch.get_num_threads()} CPU threads; "
-          f"total {total_seconds:.0f} s.\n",
-          "Vanilla = plain training; FAD = the same plus the feature-alignment loss. Both use the same "
-          f"seed, steps ({trained['train']['max_steps']:,} at batch {trained['data']['batch_size']}), UNet "
-          f"({trained['model']['preset']}) and sampler. Scored by an evaluator trained on tiles (split B) that the "
-          f"alignment expert (split A) never saw, against real {split} tiles that no model trained on"
-          + (" or picked anything on" if split == "test" else "") + ".\n",
-          "## Class-faithful? The bar\n", "| check | bar | " + " | ".join(arms) + " |",
-          "|---|---|" + "---|" * len(arms)]
-    md += [f"| {what} | {bar} | " + " | ".join(bar_cell(arm, i) for arm in arms) + " |"
-           for i, (what, bar) in enumerate(bar_names)]
-    md += ["\n## Metrics\n", "| metric | better | vanilla | FAD | FAD - vanilla |", "|---|---|---|---|---|"]
-    for label, vanilla, fad, diff, higher in rows:
-        md.append(f"| {label} | {_direction(higher)} | {_fmt(vanilla)} | {_fmt(fad)} | {_fmt(diff)}{_verdict(diff, higher)} |")
-    md += [f"\nAlignment expert ({alignment_card['arch']}, split A) val accuracy: {alignment_card['val_accuracy']:.3f}; "
-           f"evaluator ({evaluator_card['arch']}, split B): {evaluator_card['val_accuracy']:.3f}.\n",
-           "One seed of a demo-sized run shows what the pipeline makes; it is not evidence for or against FAD: "
-           "tools/bench_quality.py runs the seeded experiment (docs/results/fad-vs-vanilla-procedural.md).\n",
-           *([collapse + "\n"] if collapse else []),
-           "## Per class\n", ORIENTATION_NOTE + "\n",
-           "| " + " | ".join(class_header) + " |", "|" + "---|" * len(class_header)]
-    md += ["| " + " | ".join(row) + " |" for row in class_rows]
-    md += ["\n## Samples (real | " + " | ".join(arms) + ")\n", "![samples](report-samples.png)\n"]
-    if "curves" in images:
-        md += ["## Learning curves (generation scored during training)\n", "![curves](report-curves.png)\n"]
-    md += [f"## Copy check, {arm}: the closest pairs (generated | nearest training tile)\n\n"
-           f"![copies {arm}](report-copies-{arm}.png)\n" for arm in arms if f"copies-{arm}" in images]
-    md += ["## Evaluator on generated tiles: confusion (row: class asked for)\n",
-           "![generated confusion](report-generated-confusion.png)\n",
-           "## Loss curves\n", "![losses](report-losses.png)\n",
-           "## Alignment expert: confusion matrix (val, split A)\n", "![confusion](report-confusion.png)\n",
-           "## Timings\n", "| stage | seconds |", "|---|---|"]
-    md += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
-    md += ["\n## Reproduce\n", "```", command, "```",
-           "Each stage on its own (the same code the demo runs):", "```",
-           *stage_commands(out, result.get("recipe", "tiny"), result.get("source")), "```"]
-    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    trained = RUN_CARD.read(runs[arms[0]] / "final")["config"]
 
-    def img(name: str) -> str:
-        return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(images[name]).decode()}">'
+    def tone(passed: bool | None) -> str:
+        return "good" if passed else "bad" if passed is False else ""
 
-    def cell_class(diff, higher) -> str:
+    def diff_tone(diff, higher) -> str:
         verdict = _verdict(diff, higher)
         return "good" if verdict == " (better)" else "bad" if verdict == " (worse)" else ""
 
-    table = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{_direction(hi)}</td><td>{_fmt(v)}</td><td>{_fmt(f)}</td>"
-        f"<td class='{cell_class(d, hi)}'>{_fmt(d)}</td></tr>" for label, v, f, d, hi in rows)
-    bar_table = "".join(
-        f"<tr><td>{html.escape(what)}</td><td>{html.escape(bar)}</td>"
-        + "".join(f"<td class='{'good' if bars[arm][i][3] else 'bad' if bars[arm][i][3] is False else ''}'>"
-                  f"{html.escape(bar_cell(arm, i))}</td>" for arm in arms) + "</tr>"
-        for i, (what, bar) in enumerate(bar_names))
-    class_table = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in class_header) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in class_rows)
-    timing_rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{s:.1f}</td></tr>" for n, s in timings.items())
-    copies_html = "".join(f"<h2>Copy check, {html.escape(arm)}: the closest pairs (generated | nearest training "
-                          f"tile)</h2>{img(f'copies-{arm}')}" for arm in arms if f"copies-{arm}" in images)
-    curves_html = f"<h2>Learning curves (generation scored during training)</h2>{img('curves')}" \
-        if "curves" in images else ""
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>fadscale demo report</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}.good{{color:#176e2a}}.bad{{color:#a3261b}}img{{max-width:100%}}
-pre{{background:#f4f4f4;padding:1em;overflow-x:auto}}</style></head><body>
-<h1>fadscale demo report</h1>
-<p>fadscale {__version__}, {html.escape(time.strftime('%Y-%m-%d %H:%M'))}, {torch.get_num_threads()} CPU threads,
-total {total_seconds:.0f} s. Vanilla = plain training; FAD = the same plus the feature-alignment loss (same seed,
-steps ({trained['train']['max_steps']:,} at batch {trained['data']['batch_size']}), UNet ({html.escape(trained['model']['preset'])}),
-sampler). Scored by an evaluator trained on tiles (split B) the alignment expert (split A) never saw,
-against real {html.escape(split)} tiles no model trained on{" or picked anything on" if split == "test" else ""}.</p>
-<h2>Class-faithful? The bar</h2><table><tr><th>check</th><th>bar</th>{''.join(f'<th>{html.escape(a)}</th>' for a in arms)}</tr>{bar_table}</table>
-<h2>Samples: real | {' | '.join(html.escape(a) for a in arms)}</h2>{img('samples')}
-<h2>Metrics</h2><table><tr><th>metric</th><th>better</th><th>vanilla</th><th>FAD</th><th>FAD - vanilla</th></tr>{table}</table>
-<p>Alignment expert ({html.escape(alignment_card['arch'])}, split A) val accuracy {alignment_card['val_accuracy']:.3f};
-evaluator (split B) {evaluator_card['val_accuracy']:.3f}. One seed of a demo-sized run shows what the pipeline
-makes; it is not evidence for or against FAD (tools/bench_quality.py runs the seeded experiment).</p>
-{f"<p class='{'bad' if 'WARNING' in collapse else ''}'>{html.escape(collapse)}</p>" if collapse else ""}
-<h2>Per class</h2><p>{html.escape(ORIENTATION_NOTE)}</p><table>{class_table}</table>
-{curves_html}
-{copies_html}
-<h2>Evaluator on generated tiles: confusion (row: the class asked for; diagonal: generation accuracy)</h2>
-{img('generated-confusion')}
-<h2>Loss curves</h2>{img('losses')}
-<h2>Alignment expert: confusion matrix</h2>{img('confusion')}
-<h2>Timings</h2><table><tr><th>stage</th><th>seconds</th></tr>{timing_rows}</table>
-<h2>Reproduce</h2><pre>{html.escape(command)}</pre><p>Stage by stage: see report.md.</p>
-</body></html>"""
-    atomic_write_text(out / "report.html", body)
+    blocks: list[document.Block] = [
+        document.Heading("fadscale demo report", 1),
+        document.Paragraph(f"fadscale {__version__}; {time.strftime('%Y-%m-%d %H:%M')}; {torch.get_num_threads()} CPU "
+                         f"threads; total {total_seconds:.0f} s."),
+        document.Paragraph(
+            "Vanilla = plain training; FAD = the same plus the feature-alignment loss. Both use the same "
+            f"seed, steps ({trained['train']['max_steps']:,} at batch {trained['data']['batch_size']}), UNet "
+            f"({trained['model']['preset']}) and sampler. Scored by an evaluator trained on tiles (split B) that the "
+            f"alignment expert (split A) never saw, against real {split} tiles that no model trained on"
+            + (" or picked anything on" if split == "test" else "") + "."),
+        document.Heading("Class-faithful? The bar"),
+        document.Table(["check", "bar", *arms],
+                     [[what, bar, *(bar_cell(arm, i) for arm in arms)] for i, (what, bar) in enumerate(bar_names)],
+                     [["", "", *(tone(bars[arm][i][3]) for arm in arms)] for i in range(len(bar_names))]),
+        document.Heading("Samples (real | " + " | ".join(arms) + ")"),
+        document.Image("samples"),
+        document.Heading("Metrics"),
+        document.Table(["metric", "better", "vanilla", "FAD", "FAD - vanilla"],
+                     [[label, _direction(higher), _fmt(vanilla), _fmt(fad), _fmt(diff) + _verdict(diff, higher)]
+                      for label, vanilla, fad, diff, higher in rows],
+                     [["", "", "", "", diff_tone(diff, higher)] for _, _, _, diff, higher in rows]),
+        document.Paragraph(f"Alignment expert ({alignment_card['arch']}, split A) val accuracy: "
+                         f"{alignment_card['val_accuracy']:.3f}; evaluator ({evaluator_card['arch']}, split B): "
+                         f"{evaluator_card['val_accuracy']:.3f}."),
+        document.Paragraph("One seed of a demo-sized run shows what the pipeline makes; it is not evidence for or "
+                         "against FAD: docs/results/fad-vs-vanilla.md is the seeded study on real tiles."),
+        *([document.Paragraph(collapse, "bad" if "WARNING" in collapse else "")] if collapse else []),
+        document.Heading("Per class"),
+        document.Paragraph(ORIENTATION_NOTE),
+        document.Table(class_header, class_rows),
+    ]
+    if "curves" in images:
+        blocks += [document.Heading("Learning curves (generation scored during training)"), document.Image("curves")]
+    for arm in arms:
+        if f"copies-{arm}" in images:
+            blocks += [document.Heading(f"Copy check, {arm}: the closest pairs (generated | nearest training tile)"),
+                       document.Image(f"copies-{arm}")]
+    blocks += [
+        document.Heading("Evaluator on generated tiles: confusion (row: the class asked for; diagonal: generation "
+                       "accuracy)"),
+        document.Image("generated-confusion"),
+        document.Heading("Loss curves"), document.Image("losses"),
+        document.Heading("Alignment expert: confusion matrix (val, split A)"), document.Image("confusion"),
+        document.Heading("Timings"),
+        document.Table(["stage", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in timings.items()]),
+        document.Heading("Reproduce"), document.Code([command]),
+        document.Paragraph("Each stage on its own (the same code the demo runs):"),
+        document.Code(stage_commands(out, result.get("recipe", "tiny"), result.get("source"))),
+    ]
+    atomic_write_text(out / "report.md", document.markdown(blocks))
+    atomic_write_text(out / "report.html", document.html(blocks, "fadscale demo report", images))
     return out / "report.html"
 
 
@@ -470,7 +438,7 @@ def demo_plan(out: Path, data: str | None = None, quick: bool = False, steps: in
     time (docs/results/procedural-demo.md, "Longer training", for what 4,800 measured: a lower Frechet distance, a lower
     generation accuracy); learning-curve points stay about a dozen per run."""
     plan = Plan(out=out, source=str(Path(data).resolve()) if data else Plan.source, eval_every=EVAL_EVERY,
-                sample_overrides=dict(SAMPLER))
+                sample_overrides=list(SAMPLER))
     if data and holds_colour(data):
         plan.recipe, plan.channels, plan.val_fraction, plan.test_fraction = "kather16", 3, 0.1, 0.2
         plan.eval_every = recipe_steps("kather16") // 10
@@ -492,8 +460,8 @@ def demo_plan(out: Path, data: str | None = None, quick: bool = False, steps: in
                               "data.batch_size=8", "eval.per_class=2", "eval.steps=3"]
         plan.eval_every = 3
         plan.per_class = 3
-        plan.sample_overrides = {"sample__steps": 5}
-        plan.eval_overrides = {"utility__enabled": False}
+        plan.sample_overrides = ["sample.steps=5"]
+        plan.eval_overrides = ["utility.enabled=false"]
     if steps is not None:
         plan.fad_overrides = [o for o in plan.fad_overrides if not o.startswith(("train.max_steps=", "checkpoint.every="))]
         plan.fad_overrides += [f"train.max_steps={steps}", f"checkpoint.every={max(1, steps // 3)}"]

@@ -11,7 +11,7 @@ STOP file, requeue, resume) without the real trainers. It follows the trainers' 
 Rank 0 also appends one JSON line per start to `<out_dir>/starts.jsonl` and keeps
 `<out_dir>/progress.json` up to date, for the tests to poll.
 
-Usage: python -m torch.distributed.run --nproc_per_node 2 -m tests.slurm_fake_stage --config F
+Usage: python -m torch.distributed.run --nproc_per_node 2 -m tests.helpers.slurm_fake_stage --config F
 """
 
 from __future__ import annotations

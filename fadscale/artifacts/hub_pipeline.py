@@ -9,13 +9,13 @@ diffusers can load the folder without fadscale installed:
 
 or, with fadscale installed and without running any code from the folder:
 
-    from fadscale.hub_pipeline import FadscalePipeline
+    from fadscale.artifacts.hub_pipeline import FadscalePipeline
     pipe = FadscalePipeline.from_pretrained(DIR)
 
 This module imports only torch, PIL and diffusers (diffusers copies it into its module cache and
 refuses files that import packages it cannot find). Keep it that way.
 
-The sampling loop is fadscale's own (`fadscale.sampling.generate`): the same seeds, scheduler and
+The sampling loop is fadscale's own (`fadscale.core.sampling.generate`): the same seeds, scheduler and
 guidance give the same tiles as `fadscale sample` (tests/test_export.py checks it pixel for pixel).
 """
 

@@ -19,7 +19,7 @@ def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int, 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer: Optimizer, optim_cfg, total_steps: int) -> LambdaLR:
+def make_lr_schedule(optimizer: Optimizer, optim_cfg, total_steps: int) -> LambdaLR:
     return LambdaLR(
         optimizer,
         lambda step: lr_factor(step, schedule=optim_cfg.schedule, warmup_steps=optim_cfg.warmup_steps,

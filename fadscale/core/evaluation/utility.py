@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fadscale.data.loader import apply_view
-from fadscale.evaluation.inputs import stack_tiles
-from fadscale.metrics import accuracy_from_confusion, confusion_matrix
+from fadscale.core.evaluation.inputs import stack_tiles
+from fadscale.core.metrics import accuracy_from_confusion, confusion_matrix
 
 if TYPE_CHECKING:
     from fadscale.config import EvaluateConfig
@@ -42,7 +42,7 @@ class TinyCNN(nn.Module):
 def _classifier(arch: str, in_chans: int, classes: int, size: int) -> nn.Module:
     if arch == "tiny-cnn":
         return TinyCNN(in_chans, classes)
-    from fadscale.models.expert import Expert
+    from fadscale.core.models.expert import Expert
 
     return Expert(arch, classes, in_chans, size, head="linear")
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fadscale.evaluation.inputs import evaluator_outputs, load_real_tiles, stack_tiles
-from fadscale.metrics import frechet_distance, kernel_distance, orientation_coherence, precision_recall
+from fadscale.core.evaluation.inputs import evaluator_outputs, stack_tiles
+from fadscale.core.metrics import frechet_distance, kernel_distance, orientation_coherence, precision_recall
 from fadscale.errors import FadscaleError
 
 if TYPE_CHECKING:

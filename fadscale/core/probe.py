@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from fadscale.evaluate import evaluator_outputs, load_real_tiles
-from fadscale.metrics import frechet_distance
-from fadscale.models.expert import load_expert, shared_training_tiles
+from fadscale.core.evaluation.inputs import evaluator_outputs, load_real_tiles
+from fadscale.core.metrics import frechet_distance
+from fadscale.core.models.expert import load_expert, shared_training_tiles
 from fadscale.errors import FadscaleError
-from fadscale.sampling import generate, make_scheduler, to_uint8
+from fadscale.core.sampling import generate, make_scheduler, to_uint8
 
 SEED_BASE = 9_000_000  # the probe's per-image seeds: far from the sample stage's hashed ones
 

@@ -11,7 +11,7 @@ import torch
 
 from fadscale.artifacts import EVALUATION_REPORT
 from fadscale.runtime.io import atomic_write_text
-from fadscale.sample import class_dir_name, write_grid
+from fadscale.artifacts.sample_set import class_dir_name, write_grid
 
 if TYPE_CHECKING:
     from fadscale.config import EvaluateConfig
@@ -46,8 +46,6 @@ def write_outputs(folder: Path, report: dict, confusion: torch.Tensor, classes: 
                    train: torch.Tensor | None = None) -> None:
     """Write report.json, report.md, confusion.png, grids/<CLASS>.png and, with the real train tiles
     (`train`, stacked in class order), copies.png: the copy check's closest pairs, one pair a row."""
-    from fadscale.train_expert import save_confusion_png
-
     files = {"report": "report.json", "markdown": "report.md", "confusion": "confusion.png", "grids": {}}
     acc = report["generation_accuracy"]["overall"]
     save_confusion_png(confusion.double(), classes, folder / "confusion.png",
@@ -178,3 +176,26 @@ def report_value(report: dict, path: tuple) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def save_confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.6 * len(classes)))
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -56,8 +56,8 @@ class Plan:
     fad_overrides: list[str] = field(default_factory=list)
     per_class: int = 32
     eval_every: int | None = None  # learning-curve points (eval.every), scored by the split-B evaluator
-    sample_overrides: dict = field(default_factory=dict)
-    eval_overrides: dict = field(default_factory=dict)
+    sample_overrides: list[str] = field(default_factory=list)  # "section.key=value", as --set takes them
+    eval_overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -213,23 +213,34 @@ def train_run(plan: Plan, prepared: Prepared, arm: str, extra: list[str] | None 
     return Path(cfg.run.out_dir)
 
 
-def sample_run(plan: Plan, run_dir: Path, samples_dir: Path, *, seed: int | None = None, **overrides) -> dict:
+def _settings(overrides: list[str], model) -> dict:
+    """"section.key=value" strings (the one override syntax of configs, --set and Plan) as the section__key
+    keywords of the library entry points, each value parsed as --set parses it."""
+    from fadscale.config import parse_override
+
+    return {"__".join(parts): value for parts, value in (parse_override(text, model) for text in overrides)}
+
+
+def sample_run(plan: Plan, run_dir: Path, samples_dir: Path, *, seed: int | None = None,
+               overrides: list[str] = ()) -> dict:
     """Sample a trained run into `samples_dir` (the plan's sampler settings, then `overrides`); returns
     the sample manifest."""
+    from fadscale.config import SampleConfig
     from fadscale.sample import sample_config, sample_images
 
-    settings = {"run__seed": plan.seed if seed is None else seed, "run__overwrite": True,
-                "sample__per_class": plan.per_class, **plan.sample_overrides, **overrides}
+    settings = _settings([f"run.seed={plan.seed if seed is None else seed}", "run.overwrite=true",
+                          f"sample.per_class={plan.per_class}", *plan.sample_overrides, *overrides], SampleConfig)
     return sample_images(sample_config(run_dir, samples_dir, **settings))
 
 
 def evaluate_run(plan: Plan, prepared: Prepared, samples_dir: Path, eval_dir: Path, *, seed: int | None = None,
-                 **overrides) -> dict:
+                 overrides: list[str] = ()) -> dict:
     """Score a sample set with the split-B evaluator; returns the report."""
+    from fadscale.config import EvaluateConfig
     from fadscale.evaluate import evaluate_samples
 
-    settings = {"run__overwrite": True, "run__seed": plan.seed if seed is None else seed,
-                **plan.eval_overrides, **overrides}
+    settings = _settings(["run.overwrite=true", f"run.seed={plan.seed if seed is None else seed}",
+                          *plan.eval_overrides, *overrides], EvaluateConfig)
     return evaluate_samples(samples_dir, prepared.evaluator, eval_dir, **settings)
 
 

@@ -2,7 +2,7 @@
 client torch AdamW, trained a few steps on random data by 2 ranks.
 
 Run: DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=/tmp/x python -m torch.distributed.run --nproc_per_node 2 \
-         tests/ds_zero2_check.py [--config launch/deepspeed/zero2.json] [--steps 6] [--out result.json]
+         tests/helpers/ds_zero2_check.py [--config launch/deepspeed/zero2.json] [--steps 6] [--out result.json]
 
 Checks (rank 0 prints one JSON line and writes --out): the loss decreased, and the weights are
 identical on every rank (a checksum all-gathered). Exit code 0 when both hold.

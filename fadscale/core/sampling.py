@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from fadscale.models.unet import uses_class_labels
+from fadscale.core.models.unet import uses_class_labels
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
 

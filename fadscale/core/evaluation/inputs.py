@@ -15,12 +15,12 @@ from torch import nn
 from fadscale.artifacts import SAMPLE_MANIFEST
 from fadscale.data.loader import eval_loader
 from fadscale.data.shard import load_manifest
-from fadscale.models.expert import expert_input, read_card, shared_training_tiles
+from fadscale.core.models.expert import expert_input, read_card, shared_training_tiles
 from fadscale.errors import FadscaleError
 from fadscale.runtime.io import atomic_output_dir
-from fadscale.sample import FORMAT_VERSION as SAMPLES_VERSION, MANIFEST, SAMPLES_DIR, class_dir_name, class_folder, \
+from fadscale.artifacts.sample_set import FORMAT_VERSION as SAMPLES_VERSION, MANIFEST, SAMPLES_DIR, class_dir_name, class_folder, \
     png_bytes, read_sample_manifest
-from fadscale.sampling import to_uint8
+from fadscale.core.sampling import to_uint8
 
 if TYPE_CHECKING:
     from fadscale.config import EvaluateConfig

@@ -1,0 +1,47 @@
+"""The statistics of tools/study_fad.py (the preregistered FAD study): t distribution, paired test, Holm,
+the detectable difference, the steps to the convergence bar."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tools.study_fad import detectable, holm, paired_test, steps_to_bar, t_cdf, t_quantile
+
+
+def test_t_distribution_matches_the_tables():
+    # Two-sided 95% quantiles of Student's t (any textbook table).
+    for df, q in {1: 12.706, 2: 4.303, 4: 2.776, 7: 2.365, 30: 2.042}.items():
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=2e-3)
+    assert t_cdf(0.0, 5) == pytest.approx(0.5)
+    assert t_cdf(-2.776, 4) == pytest.approx(0.025, abs=2e-4)
+    assert t_quantile(0.8, 4) == pytest.approx(0.941, abs=2e-3)
+
+
+def test_paired_test_on_known_differences():
+    result = paired_test([0.02, 0.04, 0.06])  # mean 0.04, sd 0.02, t = 0.04 / (0.02 / sqrt 3) = 3.46, df 2
+    assert result["mean"] == pytest.approx(0.04) and result["sd"] == pytest.approx(0.02)
+    assert result["p"] == pytest.approx(0.0742, abs=1e-3)
+    half = 4.303 * 0.02 / math.sqrt(3)
+    assert result["ci95"] == pytest.approx([0.04 - half, 0.04 + half], abs=1e-3)
+    assert paired_test([0.01])["p"] is None  # one seed: no test
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order():
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
+    assert adjusted == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
+    assert holm({"a": 0.6, "b": 0.7}) == pytest.approx({"a": 1.0, "b": 1.0})
+
+
+def test_detectable_difference_shrinks_with_seeds_and_grows_with_spread():
+    assert detectable(0.02, 8, 0.05 / 8) < detectable(0.02, 5, 0.05 / 8) < detectable(0.04, 5, 0.05 / 8)
+    # n = 5, alpha 0.05: (t(0.975, 4) + t(0.8, 4)) * sd / sqrt(5)
+    assert detectable(0.02, 5, 0.05) == pytest.approx((2.776 + 0.941) * 0.02 / math.sqrt(5), abs=1e-3)
+
+
+def test_steps_to_bar_interpolates_between_probes_and_is_missing_when_never_reached():
+    curve = [{"step": 150, "gen_acc": 0.5}, {"step": 300, "gen_acc": 0.6}, {"step": 450, "gen_acc": 0.8}]
+    assert steps_to_bar(curve, 0.7) == pytest.approx(375)
+    assert steps_to_bar(curve, 0.5) == pytest.approx(150)
+    assert steps_to_bar(curve, 0.9) is None
