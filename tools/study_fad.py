@@ -405,7 +405,9 @@ def plot_curves(rows: list[dict], arms: list[str], path: Path) -> None:
         ax.set_title(f"regime {regime}")
         ax.set_xlabel("training step")
     axes[0].set_ylabel("probe generation accuracy (val, 128 tiles)")
-    axes[0].legend(fontsize=8)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(str(path) + ".partial.png", dpi=110)
     os.replace(str(path) + ".partial.png", path)
