@@ -48,7 +48,7 @@ def test_steps_to_bar_interpolates_between_probes_and_is_missing_when_never_reac
 
 
 @pytest.mark.slow
-def test_the_study_runs_each_cell_once_and_reports(tmp_path, monkeypatch):
+def test_the_study_runs_each_cell_once_and_reports(tmp_path, monkeypatch, capsys):
     """--quick (procedural tiles, a few steps): the low-data regime's capped tiles, the repa arm's inner-stage
     cache; a second run reuses every finished cell; the report writes the per-seed CSV and the curves."""
     import csv
@@ -73,3 +73,7 @@ def test_the_study_runs_each_cell_once_and_reports(tmp_path, monkeypatch):
     rows = list(csv.DictReader((out / "per-seed.csv").open()))
     assert [(r["regime"], r["arm"], r["seed"]) for r in rows] == [("low", "vanilla", "0"), ("low", "fad-repa", "0")]
     assert (out / "curves.png").stat().st_size > 0
+    capsys.readouterr()
+    study_fad.main(["status", "--out", str(out), "--seeds", "0", "--regimes", "low", "--arms", "vanilla", "fad-repa"])
+    status = capsys.readouterr().out
+    assert "seed 0 low   vanilla fad-repa" in status and "2 of 2 cells" in status

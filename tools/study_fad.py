@@ -4,6 +4,7 @@
     python tools/study_fad.py run --out runs/study-fad --seeds 1 3 --threads 1 &     # a seed's cells in order
     python tools/study_fad.py pilot --out runs/study-fad     # the internal pilot: spread only, no means
     python tools/study_fad.py report --out runs/study-fad    # verdicts, CSV, plot (after the runs)
+    python tools/study_fad.py status --out runs/study-fad    # cells finished per seed and regime, and their cost
     python tools/study_fad.py run --quick --out /tmp/q --seeds 0   # smoke test: procedural tiles, a few steps
 
 A cell is (seed, regime, arm): train the generator, sample it, evaluate the samples on the test split;
@@ -427,13 +428,27 @@ def print_analysis(analysis: dict) -> None:
                 print(f"    {key:<15} {t['mean']:+.4f}{ci}{p}{holm_p}  up {t['seeds_up']}/{t['n']}")
 
 
+def print_status(out: Path, seeds: list[int], regimes: list[str], arms: list[str]) -> None:
+    """Which cells are finished (no figures: the effects are not looked at before the pilot's decision)."""
+    rows = results(out)
+    done = {(r["seed"], r["regime"], r["arm"]) for r in rows}
+    for seed in sorted(set(seeds) | {r["seed"] for r in rows}):
+        for regime in regimes:
+            mark = " ".join(arm if (seed, regime, arm) in done else "." for arm in arms)
+            print(f"seed {seed} {regime:<5} {mark}")
+    if rows:
+        seconds = [r["train_s"] + r["sample_s"] for r in rows]
+        print(f"{len(rows)} of {len(cells(seeds, regimes, arms))} cells; train + sample per cell: median "
+              f"{statistics.median(seconds):.0f} s (the evaluation and each seed's experts come on top)")
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("command", choices=["run", "pilot", "report"])
+    parser.add_argument("command", choices=["run", "pilot", "report", "status"])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "study-fad")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(SEEDS_MIN)))
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
@@ -443,6 +458,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.arms[0] != "vanilla":
         raise SystemExit("--arms must start with vanilla (the differences are against it)")
+    if args.command == "status":
+        print_status(args.out, args.seeds, args.regimes, args.arms)
+        return
     if args.command == "pilot":
         print(json.dumps(pilot(args.out, args.arms), indent=1))
         return
