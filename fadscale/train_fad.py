@@ -38,7 +38,7 @@ from fadscale.core.models.expert import load_expert, read_card
 from fadscale.core.models.unet import build_unet, count_parameters, get_module, probe_feature_shape
 from fadscale.core.models.vae import vae_scaling_factor
 from fadscale.core.fad import FadModel, FadObjective
-from fadscale.core.objective import step_generator
+from fadscale.core.objective import random_crops, step_generator
 from fadscale.runtime.entry import run_entry
 from fadscale.errors import FadscaleError
 from fadscale.runtime.io import atomic_output_dir, foreign_entries, git_commit, write_checksums
@@ -183,6 +183,8 @@ class FadTask:
         gen = step_generator(self.cfg.run.seed, micro_step, self.backend.rank)
         labels = batch["label"].to(self.backend.device)
         clean = self._clean(batch, gen)
+        if self.cfg.train.crop:
+            clean = random_crops(clean, self.cfg.train.crop, gen)
         return self.objective(model, clean, labels, batch, step, gen, self.input_dtype, self.channels_last)
 
     def _clean(self, batch: dict, gen: torch.Generator) -> torch.Tensor:

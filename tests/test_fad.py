@@ -613,3 +613,23 @@ def test_one_process_can_train_runs_of_different_precision_one_after_another(tin
         trainer = fad_trainer(cfg)
         assert (trainer.backend.mixed_precision, trainer.backend.grad_accum) == (precision, accumulation)
         assert trainer.run() == 0
+
+
+def test_crop_trains_on_random_windows_of_each_tile_and_samples_whole_tiles(tiny_shards, tiny_expert, tmp_path):
+    from fadscale.artifacts.run import load_run
+    from fadscale.core.objective import random_crops
+
+    images = torch.arange(3 * 8 * 8, dtype=torch.float).view(3, 1, 8, 8)
+    crops = random_crops(images, 4, torch.Generator().manual_seed(0))
+    assert crops.shape == (3, 1, 4, 4)
+    for i in range(3):  # each crop is a window of its own tile
+        assert any(torch.equal(crops[i], images[i, :, t:t + 4, l:l + 4]) for t in range(5) for l in range(5))
+    with pytest.raises(FadscaleError, match="train.crop"):  # a cached alignment target is the whole tile's
+        fad_config(tiny_shards, tiny_expert, tmp_path / "x", tmp_path / "c", train__crop=16)
+    with pytest.raises(FadscaleError, match="train.crop 32 must be smaller"):
+        fad_config(tiny_shards, tiny_expert, tmp_path / "x", tmp_path / "c", align__enabled=False, train__crop=32)
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "c", align__enabled=False,
+                     train__crop=16, train__max_steps=2)
+    train_fad(cfg)
+    loaded = load_run(tmp_path / "run")
+    assert loaded.card["config"]["train"]["crop"] == 16 and loaded.card["sample_size"] == 32

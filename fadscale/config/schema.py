@@ -176,6 +176,9 @@ class FadTrainSection(Section):
     log_every: int = Field(10, ge=1)
     sample_every: int | None = Field(None, ge=1, description="log a per-class sample grid to TensorBoard every N steps (one at the last step always)")
     nan_tolerance: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
+    crop: int | None = Field(None, ge=8, multiple_of=8, description="train on a random crop of this size from each "
+                             "tile (patch training: cheaper steps on texture-like tiles); sampling stays at "
+                             "data.image_size; None: whole tiles")
 
 
 class EvalSection(Section):
@@ -210,6 +213,16 @@ class FadConfig(Section):
         if self.align.center_target and self.align.projector != "seed":
             raise ValueError(f"align.center_target applies to the seed projector only (projector is "
                              f"{self.align.projector!r}, whose target, the expert's map, is not learned)")
+        return self
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "FadConfig":
+        crop = self.train.crop
+        if crop is not None and crop >= self.data.image_size:
+            raise ValueError(f"train.crop {crop} must be smaller than data.image_size {self.data.image_size}")
+        if crop is not None and (self.align.enabled or self.model.space == "latent"):
+            raise ValueError("train.crop works with align.enabled false in pixel space (an alignment target and a "
+                             "latent describe the whole tile, not a crop of it)")
         return self
 
     @model_validator(mode="after")

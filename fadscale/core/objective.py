@@ -55,6 +55,14 @@ def add_noise(scheduler, clean: torch.Tensor, generator: torch.Generator, *, lab
     return Noised(noisy, timesteps, target, drop, noised_with)
 
 
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random size x size window of each image [B, C, H, W] (patch training), positions drawn from `generator`."""
+    batch, _, height, width = images.shape
+    top = torch.randint(0, height - size + 1, (batch,), generator=generator).tolist()
+    left = torch.randint(0, width - size + 1, (batch,), generator=generator).tolist()
+    return torch.stack([images[i, :, t:t + size, l:l + size] for i, (t, l) in enumerate(zip(top, left))])
+
+
 def reference_noisy(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """The noisy tile the reference's expert sees for the same clean tile, noise and timestep. The reference
     diffuses pixels in [0, 1], so its x_t = sqrt(a) x0 + sqrt(1 - a) eps with x0 in [0, 1]: the full noise
