@@ -31,6 +31,7 @@ leaves the damaged records out, each named on stderr and counted in the batch's 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import math
@@ -80,7 +81,14 @@ def capped_keys(urls: list[str], digests: tuple[str | None, ...], *, subset: str
                 max_per_class: int, on_corrupt: str = "error") -> frozenset[str]:
     """The keys of at most `max_per_class` tiles per class of the split's subset: per class, the first in an
     order drawn by `subset_seed` (a hash of seed and key), so the same seed keeps the same tiles whatever the
-    shard order, and a smaller cap keeps a subset of a larger one's. Reads only the shards' labels."""
+    shard order, and a smaller cap keeps a subset of a larger one's. Reads only the shards' labels, once per
+    process (the training loader is rebuilt every epoch; the shards do not change under a run)."""
+    return _capped_keys(tuple(urls), tuple(digests), subset, subset_seed, max_per_class, on_corrupt)
+
+
+@functools.lru_cache(maxsize=8)
+def _capped_keys(urls: tuple[str, ...], digests: tuple[str | None, ...], subset: str, subset_seed: int,
+                 max_per_class: int, on_corrupt: str) -> frozenset[str]:
     by_class: dict[str, list[str]] = {}
     for url, digest in zip(urls, digests or (None,) * len(urls)):
         for raw in _shard_samples(url, lambda name: name.endswith(".cls"), digest, on_corrupt):
