@@ -77,3 +77,30 @@ def test_the_study_runs_each_cell_once_and_reports(tmp_path, monkeypatch, capsys
     study_fad.main(["status", "--out", str(out), "--seeds", "0", "--regimes", "low", "--arms", "vanilla", "fad-repa"])
     status = capsys.readouterr().out
     assert "seed 0 low   vanilla fad-repa" in status and "2 of 2 cells" in status
+
+
+def test_a_second_worker_waits_for_the_expert_another_is_training(tmp_path, monkeypatch):
+    """Two workers on one seed (one per regime) share its evaluator: the one that finds it being trained waits
+    for it and uses it, rather than failing on the trainer's lock or training it a second time."""
+    import threading
+
+    import fadscale.train_expert
+    from fadscale.runtime.lock import RunLock
+    from tools.study_fad import ensure_expert
+
+    def must_not_train(cfg):
+        raise AssertionError("trained an expert that another worker was training")
+
+    monkeypatch.setattr(fadscale.train_expert, "train", must_not_train)
+    folder = tmp_path / "seed-0" / "evaluator"
+    other = RunLock(folder.parent, ".evaluator.lock", guards=folder, remove=True).acquire()  # the other worker
+    found = {}
+    waiter = threading.Thread(target=lambda: found.update(card=ensure_expert(folder, tmp_path, "B", 0, [])))
+    waiter.start()
+    waiter.join(timeout=1.0)
+    assert waiter.is_alive()  # waiting, not failed and not training
+    folder.mkdir(parents=True)
+    (folder / "expert.json").write_text("{}")
+    other.release()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and found["card"] == folder / "expert.json"

@@ -168,16 +168,22 @@ def ensure_shards(out: Path, quick: bool) -> Path:
 def ensure_expert(folder: Path, shards: Path, subset: str, seed: int, overrides: list[str]) -> Path:
     from fadscale.config import ExpertConfig
     from fadscale.pipeline.plan import tiny_config
+    from fadscale.runtime.lock import RunLock
     from fadscale.train_expert import train as train_expert
 
     card = folder / "expert.json"
-    if not card.is_file():
-        cfg = tiny_config(ExpertConfig, "expert.yaml", [
-            f"run.out_dir={folder}", f"data.shards={shards}", f"data.subset={subset}", f"data.subset_seed={seed}",
-            f"run.seed={seed}", *overrides], "kather16")
-        train_expert(cfg)
-        if not card.is_file():  # stopped by a signal: checkpointed, not finished
-            raise SystemExit(f"{card}: not written (the expert was stopped); the same command resumes it")
+    # Two workers may share a seed (one per regime): the first trains the expert, the other waits for it.
+    lock = RunLock(folder.parent, f".{folder.name}.lock", guards=folder, remove=True).acquire(wait=True)
+    try:
+        if not card.is_file():
+            cfg = tiny_config(ExpertConfig, "expert.yaml", [
+                f"run.out_dir={folder}", f"data.shards={shards}", f"data.subset={subset}",
+                f"data.subset_seed={seed}", f"run.seed={seed}", *overrides], "kather16")
+            train_expert(cfg)
+            if not card.is_file():  # stopped by a signal: checkpointed, not finished
+                raise SystemExit(f"{card}: not written (the expert was stopped); the same command resumes it")
+    finally:
+        lock.release()
     return card
 
 
