@@ -32,7 +32,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-SetOption = typer.Option(None, "--set", help="Override a config value: --set train.max_steps=200 (repeatable).")
+def set_option(example: str):
+    """The repeatable --set option, with an example key of the command's own config."""
+    return typer.Option(None, "--set", help=f"Override a config value: --set {example} (repeatable).")
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file (see configs/).")
 
 
@@ -224,7 +226,7 @@ def tiles(
 @app.command("train-expert")
 def train_expert(
     config: Optional[Path] = ConfigOption,
-    overrides: Optional[list[str]] = SetOption,
+    overrides: Optional[list[str]] = set_option("train.epochs=4"),
     nproc: int = typer.Option(1, help="Processes on this machine; > 1 runs torchrun."),
 ) -> None:
     """Train the expert classifier (timm backbone, raw PyTorch DDP); writes expert.safetensors + expert.json.
@@ -237,7 +239,7 @@ def train_expert(
 @app.command("cache-features")
 def cache_features(
     config: Optional[Path] = ConfigOption,
-    overrides: Optional[list[str]] = SetOption,
+    overrides: Optional[list[str]] = set_option("cache.batch_size=128"),
     nproc: int = typer.Option(1, help="Processes on this machine; > 1 runs accelerate launch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild every shard of the cache."),
 ) -> None:
@@ -251,7 +253,7 @@ def cache_features(
 @app.command("train")
 def train(
     config: Optional[Path] = ConfigOption,
-    overrides: Optional[list[str]] = SetOption,
+    overrides: Optional[list[str]] = set_option("train.max_steps=200"),
     nproc: int = typer.Option(1, help="Processes on this machine; > 1 runs accelerate launch."),
 ) -> None:
     """Train FAD (or the plain fine-tuning baseline with align.enabled=false); builds the feature cache first if missing.
@@ -274,7 +276,7 @@ def train(
 @app.command("sample")
 def sample(
     config: Optional[Path] = ConfigOption,
-    overrides: Optional[list[str]] = SetOption,
+    overrides: Optional[list[str]] = set_option("sample.per_class=100"),
     nproc: int = typer.Option(1, help="Processes on this machine; > 1 runs accelerate launch."),
 ) -> None:
     """Generate tiles per class from a trained run (EMA weights by default).
@@ -287,7 +289,7 @@ def sample(
 @app.command("evaluate")
 def evaluate(
     config: Optional[Path] = ConfigOption,
-    overrides: Optional[list[str]] = SetOption,
+    overrides: Optional[list[str]] = set_option("utility.enabled=false"),
 ) -> None:
     """Score generated tiles: generation accuracy, SSIM diversity, feature-space distances, utility.
 
@@ -326,7 +328,7 @@ def submit(
     constraint: Optional[str] = typer.Option(None, help="SLURM node constraint."),
     cpu: bool = typer.Option(False, "--cpu", help="CPU processes instead of GPUs."),
     accelerate_config: Optional[str] = typer.Option(None, help="accelerate config, e.g. launch/accelerate/deepspeed_zero2.yaml."),
-    overrides: Optional[list[str]] = SetOption,
+    overrides: Optional[list[str]] = set_option("train.max_steps=200"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the sbatch script instead of submitting it."),
     sbatch_args: Optional[list[str]] = typer.Option(
         None, "--sbatch-arg", help="Another #SBATCH option as KEY=VALUE, e.g. --sbatch-arg mem=64G (repeatable)."),
@@ -377,8 +379,8 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing demo folder."),
     quick: bool = typer.Option(False, "--quick", help="The smallest setting: every stage in a minute or two."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps per arm (default: the "
-                                        "recipe's 1,200), in proportionally more time; docs/results/"
-                                        "procedural-demo.md has what 4,800 measured."),
+                                        "recipe's: 1,200 on built-in tiles, 1,500 on real ones), in proportionally "
+                                        "more time; docs/results/ has what longer runs measured."),
     preset: str = typer.Option("cpu", "--preset", help="cpu: the CPU-sized recipe; gpu: tiny-sd's UNet at 64 px "
                                "(needs a CUDA GPU)."),
     grayscale: bool = typer.Option(False, "--grayscale", help="Train and judge grey tiles (the reference's "

@@ -200,11 +200,18 @@ def evaluate_samples(samples: str | Path, evaluator: str | Path, out_dir: str | 
     """Library entry: evaluate a sample set with an evaluator card and return the report dict; writes the
     report folder when `out_dir` is given. Other settings as section__key=value, e.g.
     `evaluate_samples(s, card, out, utility__enabled=False, real__shards="runs/shards")`."""
+    return evaluate(evaluate_config(samples, evaluator, out_dir, **overrides), write=out_dir is not None)
+
+
+def evaluate_config(samples: str | Path, evaluator: str | Path, out_dir: str | Path | None = None,
+                    **overrides) -> EvaluateConfig:
+    """An EvaluateConfig from a sample set, an evaluator card and a report folder; other settings as
+    section__key=value."""
     tree: dict = {"samples": str(samples), "evaluator": {"card": str(evaluator)}}
     if out_dir is not None:
         tree["run"] = {"out_dir": str(out_dir)}
     with_settings(tree, overrides)
-    return evaluate(build_config(EvaluateConfig, tree, "evaluate_samples"), write=out_dir is not None)
+    return build_config(EvaluateConfig, tree, "evaluate_samples")
 
 
 def run(cfg: EvaluateConfig) -> int:

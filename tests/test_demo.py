@@ -247,3 +247,53 @@ def test_the_report_says_the_same_in_markdown_and_html():
     assert page.index("<h2>The bar</h2>") < page.index("<p class='bad'>accuracy &lt; bar</p>") \
         < page.index("<td class='good'>1.6 pass</td>") < page.index("data:image/png;base64,") \
         < page.index("<pre>fadscale demo --out demo-out</pre>")
+
+
+def test_the_reports_stage_commands_build_the_configs_the_demo_runs(tmp_path, monkeypatch):
+    """The report's "each stage on its own" commands, read as the CLI reads them (--config, then each --set),
+    give the very configs the demo's stages build, for the built-in and the real-tile recipe; the shard
+    command runs."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from fadscale.cli import app
+    from fadscale.config import EvaluateConfig, ExpertConfig, SampleConfig, load_config
+    from fadscale.evaluate import evaluate_config
+    from fadscale.pipeline.demo import demo_plan
+    from fadscale.pipeline.plan import _settings, arm_config, evaluate_overrides, expert_overrides, \
+        sample_overrides, stage_commands, tiny_config
+    from fadscale.sample import sample_config
+    from fadscale.stages import config_class, stage
+
+    import numpy as np
+    from PIL import Image
+
+    for cls in ("A", "B"):
+        (tmp_path / "stained" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((16, 16, 3), (200, 80, 150), dtype=np.uint8)).save(tmp_path / "stained" / cls / "t.png")
+    monkeypatch.chdir(REPO)  # the commands name configs/<recipe>/*.yaml from the repository's root
+    for plan in (demo_plan(tmp_path / "built-in", quick=True), demo_plan(tmp_path / "real", str(tmp_path / "stained"))):
+        commands = [shlex.split(c.replace("\\\n", " ")) for c in stage_commands(plan)]
+        assert [c[1] for c in commands] == ["shard-data", "train-expert", "train-expert",
+                                             *["train", "sample", "evaluate"] * len(plan.arms)]
+        built = []
+        for words in commands[1:]:
+            config = words[words.index("--config") + 1] if "--config" in words else None
+            sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+            built.append(load_config(config_class(stage(words[1])), config, sets).model_dump())
+        expected = [tiny_config(ExpertConfig, "expert.yaml", expert_overrides(plan, s), plan.recipe).model_dump()
+                    for s in "AB"]
+        for arm in plan.arms:
+            samples, evaluator = plan.out / f"samples-{arm}", plan.out / "expert-B" / "expert.json"
+            expected += [  # what train_run, sample_run and evaluate_run build
+                arm_config(plan, arm).model_dump(),
+                sample_config(plan.out / arm, samples, **_settings(sample_overrides(plan), SampleConfig)).model_dump(),
+                evaluate_config(samples, evaluator, plan.out / f"eval-{arm}",
+                                **_settings(evaluate_overrides(plan), EvaluateConfig)).model_dump()]
+        assert built == expected
+    shard = commands[0]
+    result = CliRunner().invoke(app, shard[1:shard.index("--out") + 1] + [str(tmp_path / "shards")]
+                                + shard[shard.index("--out") + 2:])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "shards" / "manifest.json").is_file()

@@ -300,22 +300,6 @@ def collapse_note(runs: dict[str, Path]) -> str | None:
     return text
 
 
-def stage_commands(out: Path, recipe: str, source: str | None) -> list[str]:
-    """The demo's stages as the commands a user would type (the same code the demo runs)."""
-    if recipe == "kather16":
-        shard = f"fadscale shard-data {source or 'kather16'} --out {out}/shards --val-fraction 0.1 --test-fraction 0.2"
-    else:
-        shard = f"fadscale shard-data procedural:per_class=64,size=32 --out {out}/shards --grayscale --val-fraction 0.2"
-    return [shard,
-            f"fadscale train-expert --config configs/{recipe}/expert.yaml --set data.shards={out}/shards "
-            f"--set data.subset=A --set run.out_dir={out}/expert-A",
-            f"fadscale train --config configs/{recipe}/fad.yaml --set data.shards={out}/shards "
-            f"--set expert={out}/expert-A/expert.json --set cache.dir={out}/cache --set run.out_dir={out}/fad",
-            f"fadscale sample --set model.path={out}/fad --set run.out_dir={out}/samples-fad",
-            f"fadscale evaluate --set samples={out}/samples-fad --set evaluator.card={out}/expert-B/expert.json "
-            f"--set run.out_dir={out}/eval-fad"]
-
-
 def write_report(result: dict, out: Path, total_seconds: float, command: str) -> Path:
     reports = result["reports"]
     runs = {arm: out / arm for arm in reports}
@@ -408,8 +392,8 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
         document.Heading("Timings"),
         document.Table(["stage", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in timings.items()]),
         document.Heading("Reproduce"), document.Code([command]),
-        document.Paragraph("Each stage on its own (the same code the demo runs):"),
-        document.Code(stage_commands(out, result.get("recipe", "tiny"), result.get("source"))),
+        document.Paragraph("Each stage on its own, with the demo's settings (the same code the demo runs):"),
+        document.Code(result["commands"]),
     ]
     atomic_write_text(out / "report.md", document.markdown(blocks))
     atomic_write_text(out / "report.html", document.html(blocks, "fadscale demo report", images))
@@ -434,9 +418,9 @@ def demo_plan(out: Path, data: str | None = None, quick: bool = False, steps: in
 
     `quick`: the smallest setting (a smoke test of every stage in about a minute): 96 tiles, 1 expert
     epoch, the cpu-tiny UNet for 6 steps (two learning-curve points), 3 samples per class, no utility
-    classifiers. `steps`: training steps per arm instead of the recipe's (1,200), in proportionally more
-    time (docs/results/procedural-demo.md, "Longer training", for what 4,800 measured: a lower Frechet distance, a lower
-    generation accuracy); learning-curve points stay about a dozen per run."""
+    classifiers. `steps`: training steps per arm instead of the recipe's (1,200 on built-in tiles, 1,500 on real ones),
+    in proportionally more time (docs/results/procedural-demo.md and real-tiles.md say what longer runs
+    measured); learning-curve points stay about a dozen per run."""
     plan = Plan(out=out, source=str(Path(data).resolve()) if data else Plan.source, eval_every=EVAL_EVERY,
                 sample_overrides=list(SAMPLER))
     if data and holds_colour(data):

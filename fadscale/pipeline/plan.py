@@ -13,6 +13,7 @@ and score an already trained run again (another sampler, say).
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,11 +107,11 @@ def _cache_dir(out: Path, spatial: bool) -> Path:
     return out / ("cache-spatial" if spatial else "cache")
 
 
-def arm_config(plan: Plan, arm: str, extra: list[str] | None = None, *, seed: int | None = None,
-               tag: str | None = None, alignment: Path | None = None) -> FadConfig:
-    """The FadConfig of one arm: configs/tiny/fad.yaml, the plan's overrides, then the arm's own; its
-    run folder `out/<tag>` (tag defaults to the arm's name) and the cache folder its fingerprint needs
-    (`out/cache`, or `out/cache-spatial` when it aligns to spatial maps)."""
+def arm_overrides(plan: Plan, arm: str, extra: list[str] | None = None, *, seed: int | None = None,
+                  tag: str | None = None, alignment: Path | None = None) -> list[str]:
+    """The overrides of configs/<recipe>/fad.yaml that make one arm: its run folder `out/<tag>` (tag
+    defaults to the arm's name), the plan's settings, the arm's own, and the cache folder its fingerprint
+    needs (`out/cache`, or `out/cache-spatial` when it aligns to spatial maps)."""
     from fadscale.config import needs_spatial
 
     out = plan.out
@@ -118,17 +119,69 @@ def arm_config(plan: Plan, arm: str, extra: list[str] | None = None, *, seed: in
     alignment = alignment if alignment is not None else out / "expert-A" / "expert.json"
     curves = [f"eval.every={plan.eval_every}", f"eval.evaluator={out / 'expert-B' / 'expert.json'}"] \
         if plan.eval_every else []
-    base = [f"run.out_dir={out / (tag or arm)}", f"data.shards={out / 'shards'}", f"expert={alignment}",
-            f"data.image_size={plan.image_size}", f"data.channels={plan.channels}",
-            f"run.seed={plan.seed if seed is None else seed}",
-            *curves, *plan.fad_overrides, *extra]
-    cfg = tiny_config(FadConfig, "fad.yaml", base, plan.recipe)
+    overrides = [f"run.out_dir={out / (tag or arm)}", f"data.shards={out / 'shards'}", f"expert={alignment}",
+                 f"data.image_size={plan.image_size}", f"data.channels={plan.channels}",
+                 f"run.seed={plan.seed if seed is None else seed}",
+                 *curves, *plan.fad_overrides, *extra]
     # The cache folder follows from the settings (an explicit cache.dir among the overrides wins).
     if not any(o.startswith("cache.dir=") for o in [*plan.fad_overrides, *extra]):
-        cfg = tiny_config(FadConfig, "fad.yaml",
-                          [base[0], base[1], base[2], f"cache.dir={_cache_dir(out, needs_spatial(cfg))}", *base[3:]],
-                          plan.recipe)
-    return cfg
+        spatial = needs_spatial(tiny_config(FadConfig, "fad.yaml", overrides, plan.recipe))
+        overrides.insert(3, f"cache.dir={_cache_dir(out, spatial)}")
+    return overrides
+
+
+def arm_config(plan: Plan, arm: str, extra: list[str] | None = None, *, seed: int | None = None,
+               tag: str | None = None, alignment: Path | None = None) -> FadConfig:
+    """The FadConfig of one arm (`arm_overrides` on configs/<recipe>/fad.yaml)."""
+    return tiny_config(FadConfig, "fad.yaml", arm_overrides(plan, arm, extra, seed=seed, tag=tag,
+                                                            alignment=alignment), plan.recipe)
+
+
+def expert_overrides(plan: Plan, subset: str) -> list[str]:
+    """The overrides of configs/<recipe>/expert.yaml for the alignment expert (A) or the evaluator (B)."""
+    own = plan.alignment_expert_overrides if subset == "A" else plan.evaluator_overrides
+    return [f"run.out_dir={plan.out / f'expert-{subset}'}", f"data.shards={plan.out / 'shards'}",
+            f"data.subset={subset}", f"data.image_size={plan.image_size}", f"model.input_size={plan.image_size}",
+            f"data.channels={plan.channels}", f"run.seed={plan.seed}", *plan.expert_overrides, *own]
+
+
+def sample_overrides(plan: Plan, seed: int | None = None, overrides: list[str] = ()) -> list[str]:
+    """The sample settings of one arm (over the schema's defaults; the run and output folders aside)."""
+    return [f"run.seed={plan.seed if seed is None else seed}", "run.overwrite=true",
+            f"sample.per_class={plan.per_class}", *plan.sample_overrides, *overrides]
+
+
+def evaluate_overrides(plan: Plan, seed: int | None = None, overrides: list[str] = ()) -> list[str]:
+    """The evaluate settings of one arm (over the schema's defaults; samples, evaluator and folder aside)."""
+    return ["run.overwrite=true", f"run.seed={plan.seed if seed is None else seed}", *plan.eval_overrides,
+            *overrides]
+
+
+def stage_commands(plan: Plan) -> list[str]:
+    """What `run_pipeline(plan)` does, as the commands a user would type: built from the same override lists
+    the pipeline's stages use, so the two cannot drift apart."""
+    out = plan.out
+
+    def command(words: list[str], overrides: list[str]) -> str:
+        sets = [f"--set {shlex.quote(o)}" for o in overrides]
+        return " \\\n    ".join([shlex.join(words), *sets])
+
+    grey = ["--grayscale"] if plan.channels == 1 else []
+    lines = [shlex.join(["fadscale", "shard-data", plan.source, "--out", str(out / "shards"), *grey,
+                         "--val-fraction", str(plan.val_fraction), "--test-fraction", str(plan.test_fraction),
+                         "--seed", str(plan.seed)])]
+    for subset in ("A", "B"):
+        lines.append(command(["fadscale", "train-expert", "--config", f"configs/{plan.recipe}/expert.yaml"],
+                             expert_overrides(plan, subset)))
+    for arm in plan.arms:
+        lines.append(command(["fadscale", "train", "--config", f"configs/{plan.recipe}/fad.yaml"],
+                             arm_overrides(plan, arm)))
+        lines.append(command(["fadscale", "sample"], [f"model.path={out / arm}", f"run.out_dir={out / f'samples-{arm}'}",
+                                                      *sample_overrides(plan)]))
+        lines.append(command(["fadscale", "evaluate"], [f"samples={out / f'samples-{arm}'}",
+                                                        f"evaluator.card={out / 'expert-B' / 'expert.json'}",
+                                                        f"run.out_dir={out / f'eval-{arm}'}", *evaluate_overrides(plan)]))
+    return lines
 
 
 def cache_configs(plan: Plan, arms: dict[str, list[str]] | None = None) -> dict[Path, FadConfig]:
@@ -186,11 +239,7 @@ def prepare(plan: Plan, clock: StageClock | None = None, arms: dict[str, list[st
                                              seed=plan.seed, progress=False, overwrite=True))
 
     def expert(subset: str) -> Path:
-        own = plan.alignment_expert_overrides if subset == "A" else plan.evaluator_overrides
-        cfg = tiny_config(ExpertConfig, "expert.yaml", [
-            f"run.out_dir={out / f'expert-{subset}'}", f"data.shards={shards}", f"data.subset={subset}",
-            f"data.image_size={plan.image_size}", f"model.input_size={plan.image_size}",
-            f"data.channels={plan.channels}", f"run.seed={plan.seed}", *plan.expert_overrides, *own], plan.recipe)
+        cfg = tiny_config(ExpertConfig, "expert.yaml", expert_overrides(plan, subset), plan.recipe)
         train_expert(cfg)
         return Path(cfg.run.out_dir) / "expert.json"
 
@@ -228,8 +277,7 @@ def sample_run(plan: Plan, run_dir: Path, samples_dir: Path, *, seed: int | None
     from fadscale.config import SampleConfig
     from fadscale.sample import sample_config, sample_images
 
-    settings = _settings([f"run.seed={plan.seed if seed is None else seed}", "run.overwrite=true",
-                          f"sample.per_class={plan.per_class}", *plan.sample_overrides, *overrides], SampleConfig)
+    settings = _settings(sample_overrides(plan, seed, overrides), SampleConfig)
     return sample_images(sample_config(run_dir, samples_dir, **settings))
 
 
@@ -239,8 +287,7 @@ def evaluate_run(plan: Plan, prepared: Prepared, samples_dir: Path, eval_dir: Pa
     from fadscale.config import EvaluateConfig
     from fadscale.evaluate import evaluate_samples
 
-    settings = _settings(["run.overwrite=true", f"run.seed={plan.seed if seed is None else seed}",
-                          *plan.eval_overrides, *overrides], EvaluateConfig)
+    settings = _settings(evaluate_overrides(plan, seed, overrides), EvaluateConfig)
     return evaluate_samples(samples_dir, prepared.evaluator, eval_dir, **settings)
 
 
@@ -269,5 +316,6 @@ def run_pipeline(plan: Plan, expected: dict[str, float] | None = None) -> dict:
     reports = {}
     for arm, extra in plan.arms.items():
         reports[arm] = run_arm(plan, prepared, arm, extra, clock=clock)["report"]
-    return {"out": plan.out, "recipe": plan.recipe, "source": plan.source, "shards": prepared.shards, "alignment_expert": prepared.alignment_expert,
-            "evaluator": prepared.evaluator, "reports": reports, "timings": clock.timings}
+    return {"out": plan.out, "recipe": plan.recipe, "source": plan.source, "shards": prepared.shards,
+            "alignment_expert": prepared.alignment_expert, "evaluator": prepared.evaluator, "reports": reports,
+            "timings": clock.timings, "commands": stage_commands(plan)}
