@@ -29,9 +29,9 @@ def installed(tmp_path_factory) -> Path:
     return target
 
 
-def _run(installed: Path, cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def _run(installed: Path, cwd: Path, *args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """The CLI under umask 0022, the usual one on a shared cluster."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(installed)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(installed), **(env or {})}
     return subprocess.run([sys.executable, "-m", "fadscale.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env, preexec_fn=lambda: os.umask(0o022))
 
@@ -39,10 +39,14 @@ def _run(installed: Path, cwd: Path, *args: str, timeout: int = 900) -> subproce
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_the_report(installed, tmp_path):
     out = tmp_path / "demo"
-    proc = _run(installed, tmp_path, "demo", "--out", str(out), "--quick")
+    # Two CPUs' worth of threads: the two arms train side by side, one process and one thread each.
+    proc = _run(installed, tmp_path, "demo", "--out", str(out), "--quick", env={"FADSCALE_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
-    assert len(re.findall(r"^\[\d+/10\] ", proc.stderr, flags=re.M)) == 10  # one progress line per stage
+    assert "vanilla and fad side by side: 2 processes, 1 torch thread(s) each" in proc.stderr
+    for stage in ("shard", "expert A (alignment)", "expert B (evaluator)", "feature cache", "train vanilla",
+                  "sample vanilla", "evaluate vanilla", "train fad", "sample fad", "evaluate fad"):
+        assert len(re.findall(rf"^\[\d+/\d+\] {re.escape(stage)} \(", proc.stderr, flags=re.M)) == 1, stage
     for artifact in ("shards/manifest.json", "expert-A/expert.json", "expert-B/expert.json",
                      "expert-A/confusion.png", "cache/manifest.json", "vanilla/final/run_card.json",
                      "fad/final/run_card.json", "fad/final/unet_ema/config.json",
@@ -297,3 +301,79 @@ def test_the_reports_stage_commands_build_the_configs_the_demo_runs(tmp_path, mo
                                 + shard[shard.index("--out") + 2:])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "shards" / "manifest.json").is_file()
+
+
+def test_arms_side_by_side_give_the_figures_of_arms_one_after_the_other(tmp_path, monkeypatch):
+    """The arms' processes (one thread each) compute what the same arms compute one after the other in this
+    process at one thread: every figure of both reports is equal."""
+    import torch
+
+    from fadscale.pipeline.demo import demo_plan
+    from fadscale.pipeline.plan import arm_processes, run_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def figures(node, path=""):
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() if "time" not in key and "second" not in key
+                    for k, v in figures(value, f"{path}/{key}").items()}
+        if isinstance(node, list):
+            return {k: v for i, value in enumerate(node) for k, v in figures(value, f"{path}/{i}").items()}
+        return {path: node} if isinstance(node, (int, float)) and not isinstance(node, bool) else {}
+
+    reports = {}
+    threads = torch.get_num_threads()
+    try:
+        for mode, cores in (("after", "1"), ("side", "2")):
+            monkeypatch.setenv("FADSCALE_THREADS", cores)
+            torch.set_num_threads(1)
+            plan = demo_plan(tmp_path / mode, quick=True)
+            assert arm_processes(plan) == int(cores)
+            reports[mode] = run_pipeline(plan)["reports"]
+    finally:
+        torch.set_num_threads(threads)
+    for arm in ("vanilla", "fad"):
+        after, side = figures(reports["after"][arm]), figures(reports["side"][arm])
+        assert len(after) > 50 and after == side, arm
+
+
+def test_the_arms_processes_stop_when_the_demo_is_killed(tmp_path):
+    """SIGKILL to the demo (no cleanup code of its own can run): its arms' processes stop too, rather than go on
+    writing into its folder."""
+    import signal
+    import time
+    import uuid
+
+    marker = f"FADSCALE_TEST_MARKER={uuid.uuid4().hex}".encode()
+
+    def marked() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+    key, value = marker.decode().split("=")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FADSCALE_THREADS": "2", key: value}
+    demo = subprocess.Popen([sys.executable, "-c", "import sys; from fadscale.pipeline.demo import run_demo; "
+                             "run_demo(sys.argv[1], quick=True)", str(tmp_path / "demo")],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        for line in demo.stderr:
+            if "side by side" in line:
+                break
+        deadline = time.monotonic() + 120
+        while len(marked()) < 3 and time.monotonic() < deadline:  # the demo and its two arms
+            time.sleep(0.2)
+        assert len(marked()) >= 3
+        time.sleep(2)  # the arms are under way
+    finally:
+        demo.send_signal(signal.SIGKILL)
+        demo.wait()
+    deadline = time.monotonic() + 60
+    while marked() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert marked() == []

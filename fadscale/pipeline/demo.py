@@ -349,7 +349,10 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
     blocks: list[document.Block] = [
         document.Heading("fadscale demo report", 1),
         document.Paragraph(f"fadscale {__version__}; {time.strftime('%Y-%m-%d %H:%M')}; {torch.get_num_threads()} CPU "
-                         f"threads; total {total_seconds:.0f} s."),
+                         f"threads; total {total_seconds:.0f} s." + (
+                             f" The arms trained side by side, one process each ({result['arm_processes']} "
+                             "processes sharing the threads), so their stage times below overlap."
+                             if result.get("arm_processes", 1) > 1 else "")),
         document.Paragraph(
             "Vanilla = plain training; FAD = the same plus the feature-alignment loss. Both use the same "
             f"seed, steps ({trained['train']['max_steps']:,} at batch {trained['data']['batch_size']}), UNet "

@@ -13,8 +13,13 @@ and score an already trained run again (another sampler, say).
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shlex
+import signal
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -59,6 +64,7 @@ class Plan:
     eval_every: int | None = None  # learning-curve points (eval.every), scored by the split-B evaluator
     sample_overrides: list[str] = field(default_factory=list)  # "section.key=value", as --set takes them
     eval_overrides: list[str] = field(default_factory=list)
+    arm_processes: int | None = None  # arms trained at once; None: one per arm on a CPU-only machine (arm_processes)
 
 
 @dataclass
@@ -309,13 +315,79 @@ def run_arm(plan: Plan, prepared: Prepared, arm: str, extra: list[str] | None = 
     return {"run": run_dir, "samples": sampled, "manifest": manifest, "report": report, "timings": timings}
 
 
+def arm_processes(plan: Plan) -> int:
+    """How many processes train the arms at once: one per arm on a machine without a GPU that has a core for
+    each, else 1. A small UNet uses one core well and a second one poorly, so two arms side by side at one
+    thread each finish well before the same two one after the other at two threads
+    (docs/results/real-tiles.md, "Arms side by side")."""
+    import torch
+
+    from fadscale.runtime.distributed import cpu_threads
+
+    if plan.arm_processes is not None:
+        return max(1, min(plan.arm_processes, len(plan.arms)))
+    if len(plan.arms) < 2 or torch.cuda.is_available():
+        return 1
+    return min(len(plan.arms), cpu_threads())
+
+
+def _arm_in_own_process(threads: int, expected: dict[str, float], plan: Plan, prepared: Prepared, arm: str,
+                        extra: list[str]) -> dict:
+    """run_arm in a fresh (spawned) process with `threads` torch threads."""
+    from fadscale.runtime.distributed import set_cpu_threads
+
+    os.environ["FADSCALE_THREADS"] = str(threads)  # for anything below that sets its own threads
+    set_cpu_threads(threads)
+    clock = StageClock({name: expected.get(name, 1.0) for name in arm_stage_names(arm)})
+    return run_arm(plan, prepared, arm, extra, clock=clock)
+
+
+def _stop_with_parent() -> None:
+    """Ask Linux for SIGTERM when the demo's process dies, however it dies (the trainer then checkpoints and
+    exits), so that no arm goes on writing into the demo's folder alone."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_arms(plan: Plan, prepared: Prepared, clock: StageClock) -> dict[str, dict]:
+    """Every arm of the plan (`run_arm`): one after the other, or side by side (`arm_processes`), each in
+    its own process with an equal share of the cores."""
+    processes = arm_processes(plan)
+    if processes == 1:
+        return {arm: run_arm(plan, prepared, arm, extra, clock=clock) for arm, extra in plan.arms.items()}
+    from fadscale.runtime.distributed import cpu_threads
+
+    threads = max(1, cpu_threads() // processes)
+    log_line(f"{' and '.join(plan.arms)} side by side: {processes} processes, {threads} torch thread(s) each "
+             f"(elapsed {time.perf_counter() - clock.started:.0f} s)")
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_stop_with_parent)
+    try:
+        futures = {arm: pool.submit(_arm_in_own_process, threads, clock.expected, plan, prepared, arm, extra)
+                   for arm, extra in plan.arms.items()}
+        results = {arm: future.result() for arm, future in futures.items()}
+    except BaseException:
+        for child in multiprocessing.active_children():  # one arm failed: stop the others, do not wait for them
+            child.terminate()
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
+    for result in results.values():
+        clock.timings.update(result["timings"])
+    return results
+
+
 def run_pipeline(plan: Plan, expected: dict[str, float] | None = None) -> dict:
-    """Run every stage; returns paths, per-arm reports and timings."""
+    """Run every stage; returns paths, per-arm reports and timings (each stage's own; arms that ran side by
+    side overlap)."""
     clock = StageClock(expected or {name: 1.0 for name in stage_names(plan)})
     prepared = prepare(plan, clock)
-    reports = {}
-    for arm, extra in plan.arms.items():
-        reports[arm] = run_arm(plan, prepared, arm, extra, clock=clock)["report"]
+    reports = {arm: result["report"] for arm, result in run_arms(plan, prepared, clock).items()}
     return {"out": plan.out, "recipe": plan.recipe, "source": plan.source, "shards": prepared.shards,
             "alignment_expert": prepared.alignment_expert, "evaluator": prepared.evaluator, "reports": reports,
-            "timings": clock.timings, "commands": stage_commands(plan)}
+            "timings": clock.timings, "commands": stage_commands(plan), "arm_processes": arm_processes(plan)}
