@@ -377,3 +377,19 @@ def test_the_arms_processes_stop_when_the_demo_is_killed(tmp_path):
     while marked() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert marked() == []
+
+
+def test_an_arm_that_fails_stops_the_other_and_its_error_is_raised(tmp_path, monkeypatch):
+    """Side by side, the second arm failing at once is raised at once: the first arm is stopped, not waited for."""
+    from fadscale.errors import FadscaleError
+    from fadscale.pipeline.demo import demo_plan
+    from fadscale.pipeline.plan import run_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FADSCALE_THREADS", "2")
+    plan = demo_plan(tmp_path / "demo", quick=True)
+    plan.arms = {"vanilla": ["align.enabled=false"],
+                 "broken": ["align.enabled=false", f"model.pretrained={tmp_path / 'no-such-unet'}"]}
+    with pytest.raises(FadscaleError, match="no-such-unet"):
+        run_pipeline(plan)
+    assert not (tmp_path / "demo" / "eval-vanilla" / "report.json").exists()

@@ -19,7 +19,7 @@ import shlex
 import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -342,14 +342,13 @@ def _arm_in_own_process(threads: int, expected: dict[str, float], plan: Plan, pr
     return run_arm(plan, prepared, arm, extra, clock=clock)
 
 
-def _stop_with_parent() -> None:
-    """Ask Linux for SIGTERM when the demo's process dies, however it dies (the trainer then checkpoints and
-    exits), so that no arm goes on writing into the demo's folder alone."""
+def _stop_with_parent(parent: int) -> None:
+    """Ask Linux for SIGTERM when the demo's process (`parent`) dies, however it dies (the trainer then
+    checkpoints and exits), so that no arm goes on writing into the demo's folder alone."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
-    parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before the request was made
         os.kill(os.getpid(), signal.SIGTERM)
@@ -366,10 +365,15 @@ def run_arms(plan: Plan, prepared: Prepared, clock: StageClock) -> dict[str, dic
     threads = max(1, cpu_threads() // processes)
     log_line(f"{' and '.join(plan.arms)} side by side: {processes} processes, {threads} torch thread(s) each "
              f"(elapsed {time.perf_counter() - clock.started:.0f} s)")
-    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_stop_with_parent)
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_stop_with_parent, initargs=(os.getpid(),))
     try:
         futures = {arm: pool.submit(_arm_in_own_process, threads, clock.expected, plan, prepared, arm, extra)
                    for arm, extra in plan.arms.items()}
+        done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)  # all of them, or the first failure
+        for future in done:
+            if future.exception() is not None:
+                raise future.exception()
         results = {arm: future.result() for arm, future in futures.items()}
     except BaseException:
         for child in multiprocessing.active_children():  # one arm failed: stop the others, do not wait for them
