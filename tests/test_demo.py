@@ -40,13 +40,14 @@ def _run(installed: Path, cwd: Path, *args: str, timeout: int = 900, env: dict |
 def test_demo_runs_every_stage_and_writes_the_report(installed, tmp_path):
     out = tmp_path / "demo"
     # Two CPUs' worth of threads: the two arms train side by side, one process and one thread each.
-    proc = _run(installed, tmp_path, "demo", "--out", str(out), "--quick", env={"FADSCALE_THREADS": "2"})
+    proc = _run(installed, tmp_path, "demo", "--out", str(out), "--quick",
+                env={"FADSCALE_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
     assert "vanilla and fad side by side: 2 processes, 1 torch thread(s) each" in proc.stderr
     for stage in ("shard", "expert A (alignment)", "expert B (evaluator)", "feature cache", "train vanilla",
                   "sample vanilla", "evaluate vanilla", "train fad", "sample fad", "evaluate fad"):
-        assert len(re.findall(rf"^\[\d+/\d+\] {re.escape(stage)} \(", proc.stderr, flags=re.M)) == 1, stage
+        assert len(re.findall(rf"\[\d+/\d+\] {re.escape(stage)} \(", proc.stderr)) == 1, stage
     for artifact in ("shards/manifest.json", "expert-A/expert.json", "expert-B/expert.json",
                      "expert-A/confusion.png", "cache/manifest.json", "vanilla/final/run_card.json",
                      "fad/final/run_card.json", "fad/final/unet_ema/config.json",
@@ -276,8 +277,7 @@ def test_the_reports_stage_commands_build_the_configs_the_demo_runs(tmp_path, mo
     for cls in ("A", "B"):
         (tmp_path / "stained" / cls).mkdir(parents=True)
         Image.fromarray(np.full((16, 16, 3), (200, 80, 150), dtype=np.uint8)).save(tmp_path / "stained" / cls / "t.png")
-    monkeypatch.chdir(REPO)  # the commands name configs/<recipe>/*.yaml from the repository's root
-    for plan in (demo_plan(tmp_path / "built-in", quick=True), demo_plan(tmp_path / "real", str(tmp_path / "stained"))):
+    for plan in (demo_plan(tmp_path / "built in", quick=True), demo_plan(tmp_path / "real", str(tmp_path / "stained"))):
         commands = [shlex.split(c.replace("\\\n", " ")) for c in stage_commands(plan)]
         assert [c[1] for c in commands] == ["shard-data", "train-expert", "train-expert",
                                              *["train", "sample", "evaluate"] * len(plan.arms)]
@@ -328,6 +328,7 @@ def test_arms_side_by_side_give_the_figures_of_arms_one_after_the_other(tmp_path
             monkeypatch.setenv("FADSCALE_THREADS", cores)
             torch.set_num_threads(1)
             plan = demo_plan(tmp_path / mode, quick=True)
+            plan.arm_processes = int(cores)  # side by side even where a GPU is visible
             assert arm_processes(plan) == int(cores)
             reports[mode] = run_pipeline(plan)["reports"]
     finally:
@@ -338,9 +339,10 @@ def test_arms_side_by_side_give_the_figures_of_arms_one_after_the_other(tmp_path
 
 
 def test_the_arms_processes_stop_when_the_demo_is_killed(tmp_path):
-    """SIGKILL to the demo (no cleanup code of its own can run): its arms' processes stop too, rather than go on
-    writing into its folder."""
+    """SIGKILL to the demo while its arms train (no cleanup code of its own can run): its arms' processes stop
+    too, rather than go on writing into its folder."""
     import signal
+    import threading
     import time
     import uuid
 
@@ -357,23 +359,24 @@ def test_the_arms_processes_stop_when_the_demo_is_killed(tmp_path):
         return found
 
     key, value = marker.decode().split("=")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FADSCALE_THREADS": "2", key: value}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FADSCALE_THREADS": "2", "CUDA_VISIBLE_DEVICES": "", key: value}
+    out = tmp_path / "demo"
     demo = subprocess.Popen([sys.executable, "-c", "import sys; from fadscale.pipeline.demo import run_demo; "
-                             "run_demo(sys.argv[1], quick=True)", str(tmp_path / "demo")],
+                             "run_demo(sys.argv[1], quick=True, steps=300)", str(out)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(demo.stderr), daemon=True).start()  # never blocks on a full pipe
     try:
-        for line in demo.stderr:
-            if "side by side" in line:
-                break
-        deadline = time.monotonic() + 120
-        while len(marked()) < 3 and time.monotonic() < deadline:  # the demo and its two arms
+        deadline = time.monotonic() + 300
+        while not all((out / arm / "run.lock").is_file() for arm in ("vanilla", "fad")):  # both trainers started
+            assert demo.poll() is None and time.monotonic() < deadline, "".join(log)[-3000:]
             time.sleep(0.2)
-        assert len(marked()) >= 3
-        time.sleep(2)  # the arms are under way
+        time.sleep(1)
     finally:
         demo.send_signal(signal.SIGKILL)
         demo.wait()
-    deadline = time.monotonic() + 60
+    assert not (out / "vanilla" / "final").exists()  # killed while training, as meant
+    deadline = time.monotonic() + 90
     while marked() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert marked() == []
@@ -388,7 +391,8 @@ def test_an_arm_that_fails_stops_the_other_and_its_error_is_raised(tmp_path, mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("FADSCALE_THREADS", "2")
     plan = demo_plan(tmp_path / "demo", quick=True)
-    plan.arms = {"vanilla": ["align.enabled=false"],
+    plan.arm_processes = 2
+    plan.arms = {"vanilla": ["align.enabled=false", "train.max_steps=300"],
                  "broken": ["align.enabled=false", f"model.pretrained={tmp_path / 'no-such-unet'}"]}
     with pytest.raises(FadscaleError, match="no-such-unet"):
         run_pipeline(plan)

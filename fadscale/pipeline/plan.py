@@ -19,8 +19,8 @@ import shlex
 import signal
 import sys
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable
 
@@ -177,10 +177,10 @@ def stage_commands(plan: Plan) -> list[str]:
                          "--val-fraction", str(plan.val_fraction), "--test-fraction", str(plan.test_fraction),
                          "--seed", str(plan.seed)])]
     for subset in ("A", "B"):
-        lines.append(command(["fadscale", "train-expert", "--config", f"configs/{plan.recipe}/expert.yaml"],
+        lines.append(command(["fadscale", "train-expert", "--config", str(shipped("configs") / plan.recipe / "expert.yaml")],
                              expert_overrides(plan, subset)))
     for arm in plan.arms:
-        lines.append(command(["fadscale", "train", "--config", f"configs/{plan.recipe}/fad.yaml"],
+        lines.append(command(["fadscale", "train", "--config", str(shipped("configs") / plan.recipe / "fad.yaml")],
                              arm_overrides(plan, arm)))
         lines.append(command(["fadscale", "sample"], [f"model.path={out / arm}", f"run.out_dir={out / f'samples-{arm}'}",
                                                       *sample_overrides(plan)]))
@@ -331,20 +331,28 @@ def arm_processes(plan: Plan) -> int:
     return min(len(plan.arms), cpu_threads())
 
 
-def _arm_in_own_process(threads: int, expected: dict[str, float], plan: Plan, prepared: Prepared, arm: str,
-                        extra: list[str]) -> dict:
-    """run_arm in a fresh (spawned) process with `threads` torch threads."""
-    from fadscale.runtime.distributed import set_cpu_threads
+def _arm_in_own_process(result: Connection, parent: int, threads: int, expected: dict[str, float], plan: Plan,
+                        prepared: Prepared, arm: str, extra: list[str]) -> None:
+    """run_arm in a fresh (spawned) process with `threads` torch threads; sends ("ok", result) or ("error",
+    exception) through `result`, then the process ends."""
+    _stop_with_parent(parent)
+    try:
+        from fadscale.runtime.distributed import set_cpu_threads
 
-    os.environ["FADSCALE_THREADS"] = str(threads)  # for anything below that sets its own threads
-    set_cpu_threads(threads)
-    clock = StageClock({name: expected.get(name, 1.0) for name in arm_stage_names(arm)})
-    return run_arm(plan, prepared, arm, extra, clock=clock)
+        set_cpu_threads(threads)
+        clock = StageClock({name: expected.get(name, 1.0) for name in arm_stage_names(arm)})
+        outcome = ("ok", run_arm(plan, prepared, arm, extra, clock=clock))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent, which raises it
+        outcome = ("error", exc)
+    try:
+        result.send(outcome)
+    except Exception as exc:  # an exception that does not pickle: its text goes instead
+        result.send(("error", FadscaleError(f"the {arm} arm failed: {type(exc).__name__}: {outcome[1]}")))
 
 
 def _stop_with_parent(parent: int) -> None:
     """Ask Linux for SIGTERM when the demo's process (`parent`) dies, however it dies (the trainer then
-    checkpoints and exits), so that no arm goes on writing into the demo's folder alone."""
+    checkpoints and the arm's process ends), so that no arm goes on writing into the demo's folder alone."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -356,34 +364,78 @@ def _stop_with_parent(parent: int) -> None:
 
 def run_arms(plan: Plan, prepared: Prepared, clock: StageClock) -> dict[str, dict]:
     """Every arm of the plan (`run_arm`): one after the other, or side by side (`arm_processes`), each in
-    its own process with an equal share of the cores."""
+    its own process with an equal share of the cores. The first arm to fail is raised at once, and the
+    others are stopped rather than waited for."""
     processes = arm_processes(plan)
     if processes == 1:
         return {arm: run_arm(plan, prepared, arm, extra, clock=clock) for arm, extra in plan.arms.items()}
+    from multiprocessing.connection import wait
+
     from fadscale.runtime.distributed import cpu_threads
 
     threads = max(1, cpu_threads() // processes)
     log_line(f"{' and '.join(plan.arms)} side by side: {processes} processes, {threads} torch thread(s) each "
              f"(elapsed {time.perf_counter() - clock.started:.0f} s)")
-    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_stop_with_parent, initargs=(os.getpid(),))
+    context = multiprocessing.get_context("spawn")
+    running: dict[str, tuple] = {}
+    results: dict[str, dict] = {}
+    # Thread pools that read the environment when they start (OpenMP, BLAS) get the same share.
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    os.environ.update({name: str(threads) for name in THREAD_VARIABLES})
     try:
-        futures = {arm: pool.submit(_arm_in_own_process, threads, clock.expected, plan, prepared, arm, extra)
-                   for arm, extra in plan.arms.items()}
-        done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)  # all of them, or the first failure
-        for future in done:
-            if future.exception() is not None:
-                raise future.exception()
-        results = {arm: future.result() for arm, future in futures.items()}
-    except BaseException:
-        for child in multiprocessing.active_children():  # one arm failed: stop the others, do not wait for them
-            child.terminate()
-        raise
+        for arm, extra in plan.arms.items():
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=_arm_in_own_process, name=f"fadscale-arm-{arm}", args=(
+                send, os.getpid(), threads, clock.expected, plan, prepared, arm, extra))
+            process.start()
+            send.close()
+            running[arm] = (process, receive)
+        _restore(saved)
+        while len(results) < len(running):
+            waiting = {receive: arm for arm, (_, receive) in running.items() if arm not in results}
+            waiting.update({process.sentinel: arm for arm, (process, _) in running.items() if arm not in results})
+            for ready in wait(list(waiting)):
+                arm = waiting[ready]
+                process, receive = running[arm]
+                if arm in results:
+                    continue
+                if not receive.poll():  # ended without a word: killed, or crashed hard
+                    process.join()
+                    raise FadscaleError(f"the {arm} arm's process ended without a result (exit code "
+                                        f"{process.exitcode})")
+                try:
+                    status, payload = receive.recv()
+                except EOFError:  # the pipe closed with nothing in it
+                    process.join()
+                    raise FadscaleError(f"the {arm} arm's process ended without a result (exit code "
+                                        f"{process.exitcode})") from None
+                if status == "error":
+                    raise payload
+                results[arm] = payload
     finally:
-        pool.shutdown(cancel_futures=True)
-    for result in results.values():
-        clock.timings.update(result["timings"])
+        _restore(saved)
+        for process, _ in running.values():
+            if process.is_alive():
+                process.terminate()  # the trainer checkpoints and the process ends
+        for process, _ in running.values():
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    for arm in plan.arms:
+        clock.timings.update(results[arm]["timings"])
     return results
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "FADSCALE_THREADS")
+
+
+def _restore(saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def run_pipeline(plan: Plan, expected: dict[str, float] | None = None) -> dict:
