@@ -135,6 +135,37 @@ def test_shapes_and_range(tiny_shards, channels, size):
         assert torch.equal(image[:, 0], image[:, 1]) and torch.equal(image[:, 1], image[:, 2])
 
 
+def test_decoded_tile_cache_gives_the_batches_of_decoding_every_tile(tiny_shards, monkeypatch):
+    from fadscale.data import loader
+
+    kept = loader.DecodedTiles(budget_bytes=1 << 20)
+    monkeypatch.setattr(loader, "DECODED_TILES", kept)
+    cached = [epoch(tiny_shards, epoch=e) for e in range(3)]
+    assert kept.hits > kept.misses > 0  # later epochs are served from memory
+    assert kept.used_bytes == kept.misses * 32 * 32  # one uint8 plane per distinct tile
+    monkeypatch.setattr(loader, "DECODED_TILES", loader.DecodedTiles(budget_bytes=0))
+    decoded = [epoch(tiny_shards, epoch=e) for e in range(3)]
+    assert loader.DECODED_TILES.used_bytes == 0
+    assert all(same_batches(a, b) for a, b in zip(cached, decoded))
+
+
+def test_decoded_tile_cache_keys_budget_and_copies(train_raw, monkeypatch):
+    from fadscale.data import loader
+
+    kept = loader.DecodedTiles(budget_bytes=2 * 32 * 32)  # room for two 32 px grayscale tiles
+    monkeypatch.setattr(loader, "DECODED_TILES", kept)
+    pngs = [raw["png"] for raw in list(train_raw.values())[:3]]
+    first = [decode_image(png, 1, 32) for png in pngs]
+    assert kept.used_bytes == 2 * 32 * 32 and kept.misses == 3  # the third did not fit: not kept
+    first[0].fill_(0.5)  # a caller writing into its tensor does not change the kept tile
+    again = [decode_image(png, 1, 32) for png in pngs]
+    assert kept.hits == 2 and kept.misses == 4
+    assert not torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    # Another size or channel count is another tile.
+    assert decode_image(pngs[1], 1, 16).shape == (1, 16, 16)
+    assert decode_image(pngs[1], 3, 32).shape == (3, 32, 32)
+
+
 def test_decode_exact_values_and_centre_crop():
     values = np.array([[0, 255], [255, 0]], dtype=np.uint8).repeat(4, 0).repeat(4, 1)  # 8x8
     buffer = io.BytesIO()

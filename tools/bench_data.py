@@ -2,13 +2,20 @@
 
 The reference repo reads a class-per-folder tree by decoding every file with PIL into one in-memory
 numpy array before the first batch, then batches from that array. fadscale streams tar shards
-(resampled, shuffled, decoded, one of 8 views per sample) through DataLoader workers. This measures,
+(resampled, shuffled, decoded, one of 8 views per sample) through DataLoader workers, or in the main
+process, which keeps the tiles it decoded (`DECODED_TILES`) for the epochs after. This measures,
 on the same tiles, the time to the first batch and the steady throughput (tiles/s after the first
 batch) of both, each run `--repeats` times (median reported), and prints them as ratios.
 
     python tools/bench_data.py                 # 8 x 250 procedural 64px RGB tiles (~1-2 min)
     python tools/bench_data.py --quick         # 8 x 60 tiles, a smoke run (~20 s)
     python tools/bench_data.py --data DIR      # your own class-per-folder tree (sharded into a temp dir)
+    python tools/bench_data.py --data DIR --image-size 32 --batch-size 16 --workers 0 \
+        --train-steps 400 --expert CARD          # and training itself with the decoded-tile cache off / on
+
+`--train-steps` trains configs/kather16/vanilla.yaml (or `--train-config`) on the same shards that many steps,
+cache off and on, interleaved `--repeats` times, in this process; its config needs an expert card for its
+class names (`--expert`, any expert trained on these classes).
 
 A readable table, then one JSON object on the last line with every number.
 """
@@ -28,7 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fadscale.data.loader import NUM_VIEWS, apply_view, train_loader
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the training arm builds its UNet from a config, never a download
+
+from fadscale.data.loader import DECODED_TILES, NUM_VIEWS, apply_view, train_loader
 from fadscale.data.procedural import ProceduralSpec, iter_spec
 from fadscale.data.shard import load_manifest, shard_dataset
 
@@ -111,6 +120,45 @@ def stream_run(shards: Path, *, size: int, channels: int, batch_size: int, tiles
             "tiles": produced}
 
 
+def cached_stream_run(shards: Path, cache: bool, **kwargs) -> dict:
+    """A main-process stream (0 workers) with the decoded-tile cache off, or on and warmed by one untimed
+    pass over the same tiles first (what every epoch after the first sees)."""
+    DECODED_TILES.clear()
+    budget = DECODED_TILES.budget_bytes
+    DECODED_TILES.budget_bytes = budget if cache else 0
+    try:
+        if cache:
+            stream_run(shards, workers=0, **kwargs)
+        return stream_run(shards, workers=0, **kwargs)
+    finally:
+        DECODED_TILES.budget_bytes = budget
+        DECODED_TILES.clear()
+
+
+def train_run(shards: Path, out: Path, *, config: Path, expert: Path, steps: int, cache: bool) -> dict:
+    """Train a recipe `steps` steps on the shards, the decoded-tile cache off or on (empty at the start)."""
+    import shutil
+
+    from fadscale.config import load_config
+    from fadscale.config.schema import FadConfig
+    from fadscale.train_fad import fad_trainer
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(FadConfig, config, [f"run.out_dir={out}", f"data.shards={shards}", f"expert={expert}",
+                                          f"train.max_steps={steps}", f"checkpoint.every={steps}", "run.resume=never",
+                                          f"train.log_every={steps}", "eval.every=null"])
+    DECODED_TILES.clear()
+    budget = DECODED_TILES.budget_bytes
+    DECODED_TILES.budget_bytes = budget if cache else 0
+    try:
+        started = time.perf_counter()
+        fad_trainer(cfg).run()
+        return {"train_s": time.perf_counter() - started, "hits": DECODED_TILES.hits, "misses": DECODED_TILES.misses}
+    finally:
+        DECODED_TILES.budget_bytes = budget
+        DECODED_TILES.clear()
+
+
 def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
@@ -124,11 +172,20 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, help="model input size (default: the tile size)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tiles", type=int, help="tiles per measured run (default: 2x the data set)")
-    parser.add_argument("--workers", default="1,2", help="comma-separated DataLoader worker counts to measure")
+    parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts to measure "
+                        "(0: in the main process, with the decoded-tile cache off and on)")
     parser.add_argument("--shuffle-buffer", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="8 x 60 tiles: a smoke run")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--train-steps", type=int, help="also train this many steps, decoded-tile cache off / on")
+    parser.add_argument("--train-config", type=Path, default=Path(__file__).resolve().parents[1] / "configs" /
+                        "kather16" / "vanilla.yaml")
+    parser.add_argument("--expert", type=Path, help="an expert card for --train-steps (its class names)")
     args = parser.parse_args(argv)
+    if args.train_steps and args.expert is None:
+        parser.error("--train-steps needs --expert (an expert card on these classes)")
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.per_class = min(args.per_class, 60)
     workers_list = [int(w) for w in args.workers.split(",") if w.strip()]
@@ -162,15 +219,26 @@ def main(argv=None) -> int:
                    "shards_mb": sum(s["bytes"] for s in manifest["splits"]["train"]["shards"]) / 2**20}
 
         results: dict[str, list[dict]] = {"reference": []}
-        results.update({f"stream_w{w}": [] for w in workers_list})
+        variants = [v for w in workers_list for v in (("stream_w0_decode", "stream_w0_cached") if w == 0
+                                                          else (f"stream_w{w}",))]
+        results.update({v: [] for v in variants})
         # Interleaved, so a burst of load from other processes hits every variant alike.
         for repeat in range(args.repeats):
             results["reference"].append(reference_run(files, size=size, channels=channels,
                                                       batch_size=args.batch_size, tiles=tiles, seed=repeat))
-            for w in workers_list:
-                results[f"stream_w{w}"].append(stream_run(shards, size=size, channels=channels,
-                                                          batch_size=args.batch_size, tiles=tiles, workers=w,
-                                                          seed=repeat, shuffle_buffer=args.shuffle_buffer))
+            common = dict(size=size, channels=channels, batch_size=args.batch_size, tiles=tiles, seed=repeat,
+                          shuffle_buffer=args.shuffle_buffer)
+            for variant in variants:
+                if variant.startswith("stream_w0_"):
+                    run = cached_stream_run(shards, variant.endswith("cached"), **common)
+                else:
+                    run = stream_run(shards, workers=int(variant.removeprefix("stream_w")), **common)
+                results[variant].append(run)
+            if args.train_steps:
+                for cache in (False, True):
+                    results.setdefault(f"train_cache_{'on' if cache else 'off'}", []).append(train_run(
+                        shards, tmp / "run", config=args.train_config, expert=args.expert, steps=args.train_steps,
+                        cache=cache))
 
     ref_first, ref_rate = median_of(results["reference"], "first_batch_s"), median_of(results["reference"], "tiles_per_s")
     summary = {
@@ -185,22 +253,41 @@ def main(argv=None) -> int:
         "runs": results,
     }
     rows = [("reference (decode all, PIL)", ref_first, ref_rate, 1.0, 1.0)]
-    for w in workers_list:
-        runs = results[f"stream_w{w}"]
+    names = {"stream_w0_decode": "stream, main process", "stream_w0_cached": "stream, main process, cache warm"}
+    for variant in variants:
+        runs = results[variant]
         first, rate = median_of(runs, "first_batch_s"), median_of(runs, "tiles_per_s")
-        summary["stream"][f"workers_{w}"] = {
+        summary["stream"]["workers_" + variant.removeprefix("stream_w")] = {
             "first_batch_s": first, "tiles_per_s": rate,
             "first_batch_ratio_vs_reference": first / ref_first,
             "throughput_ratio_vs_reference": rate / ref_rate,
         }
-        rows.append((f"stream, {w} worker{'s' if w != 1 else ''}", first, rate, first / ref_first, rate / ref_rate))
+        w = variant.removeprefix("stream_w")
+        rows.append((names.get(variant, f"stream, {w} worker{'s' if w != '1' else ''}"), first, rate,
+                     first / ref_first, rate / ref_rate))
+    if "stream_w0_cached" in results:
+        summary["stream"]["cache_throughput_ratio"] = (summary["stream"]["workers_0_cached"]["tiles_per_s"]
+                                                       / summary["stream"]["workers_0_decode"]["tiles_per_s"])
 
     print(f"data: {source}: {len(files)} files ({on_disk['tree_mb']:.1f} MB; shards {on_disk['shards_mb']:.1f} MB), "
           f"model size {size}, {channels} channel(s), batch {args.batch_size}, {tiles} tiles per run, "
           f"median of {args.repeats}, {os.cpu_count()} CPUs")
-    print(f"{'loader':<30} {'first batch s':>14} {'tiles/s':>10} {'first/ref':>10} {'rate/ref':>9}")
+    print(f"{'loader':<34} {'first batch s':>14} {'tiles/s':>10} {'first/ref':>10} {'rate/ref':>9}")
     for name, first, rate, first_ratio, rate_ratio in rows:
-        print(f"{name:<30} {first:>14.3f} {rate:>10.0f} {first_ratio:>10.3f} {rate_ratio:>9.2f}")
+        print(f"{name:<34} {first:>14.3f} {rate:>10.0f} {first_ratio:>10.3f} {rate_ratio:>9.2f}")
+    if args.train_steps:
+        off, on = results["train_cache_off"], results["train_cache_on"]
+        summary["train"] = {"steps": args.train_steps, "config": str(args.train_config),
+                            "train_s_cache_off": median_of(off, "train_s"), "train_s_cache_on": median_of(on, "train_s"),
+                            "ratios": [b["train_s"] / a["train_s"] for a, b in zip(off, on)],
+                            "hit_share": on[0]["hits"] / max(1, on[0]["hits"] + on[0]["misses"])}
+        t = summary["train"]
+        print(f"training {args.train_steps} steps ({args.train_config.name}, {args.threads} thread(s)): "
+              f"{t['train_s_cache_off']:.1f} s decoding every tile, {t['train_s_cache_on']:.1f} s with the cache "
+              f"(per-round ratios {' '.join(f'{r:.2f}' for r in t['ratios'])}; {100 * t['hit_share']:.0f}% of reads hit)")
+    if "stream_w0_cached" in results:
+        print(f"decoded-tile cache (main process): throughput {summary['stream']['cache_throughput_ratio']:.2f}x "
+              "the same stream decoding every tile")
     print(json.dumps(summary, default=float))
     return 0
 

@@ -33,8 +33,8 @@ CPU step options (`--options`, each against today's default step of one arm, `--
 - threads-1 / threads-2: one / two intra-op threads instead of --threads (interop threads untouched); the
   one equal to --threads is skipped.
 - interop-1: torch.set_num_interop_threads(1) with --threads intra-op threads.
-- data: the fadscale loader has no in-memory (decoded) path; this arm times what a step also pays for its
-  batch with the default data.workers 0, reading the feature cache (PNG decode, views, cached features),
+- data: this arm times what a step also pays for its batch with the default data.workers 0, reading the
+  feature cache (PNG decode, or the decoded-tile cache for a tile seen before; views, cached features),
   and reports that share of step + load.
 Each option runs in its own process; `--rounds` repeats the whole set, interleaved (default, a, b, ...,
 default, a, b, ...). Ratio = the median over rounds of (option median / that round's default median); the
@@ -390,7 +390,7 @@ def summarise_options(args, options: list[str], runs: list[dict], threads: int) 
     if "data" in table:
         row = table["data"]
         print(f"data: loading a batch (workers 0, from the feature cache) {row['load_s_per_batch']:.4f} s = "
-              f"{100 * row['load_share']:.1f}% of step + load; the loader has no in-memory path. Its step ratio is "
+              f"{100 * row['load_share']:.1f}% of step + load. Its step ratio is "
               "an A/A check (the same step as default): how far noise alone moves a ratio")
     return table
 

@@ -13,6 +13,9 @@ worker j % workers). So batch b of an epoch is the same whatever the number of w
 The price is that each worker reads the rank's tar bytes (cheap); decoding, the expensive part, is
 split between them.
 
+Decoding: a tile's PNG is decoded and resized once per process in the main process (`DECODED_TILES`, up to
+1 GiB, keyed by the bytes' digest); DataLoader workers decode every time.
+
 Evaluation mode (`eval_loader`): every sample of the split exactly once across all ranks and workers,
 with no view applied: the split's samples, numbered in shard order, are cut into one contiguous
 range per (rank, worker), so each reads only the shards its range touches.
@@ -105,13 +108,64 @@ def _kept(key: str, spec: "StreamSpec") -> bool:
     return in_subset(key, spec.subset, spec.subset_seed) and (spec.keys is None or key in spec.keys)
 
 
+class DecodedTiles:
+    """Decoded, resized tiles kept in memory, by a digest of their bytes, up to a byte budget.
+
+    A small data set is read many times (the demo's 2,800 real tiles about 9 times in 1,500 steps), and
+    decoding a 150 px PNG and resizing it costs far more than hashing its bytes: the cache is what the
+    reference's decode-everything-first loader gets, without giving up streaming. Keyed by content, so a
+    rewritten or damaged record is never served from it. Only the main process keeps one: DataLoader
+    workers live for one epoch, and one cache per worker per rank would multiply the memory.
+    When the budget is reached, the tiles already kept stay (a loop over a data set larger than the cache
+    would miss every time under LRU).
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.hits = self.misses = 0
+        self._tiles: dict[tuple, np.ndarray] = {}
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        tile = self._tiles.get(key)
+        if tile is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return tile
+
+    def put(self, key: tuple, tile: np.ndarray) -> None:
+        if self.used_bytes + tile.nbytes <= self.budget_bytes:
+            self._tiles[key] = tile  # never written to: every caller converts it to a new float tensor
+            self.used_bytes += tile.nbytes
+
+    def clear(self) -> None:
+        self._tiles.clear()
+        self.used_bytes = self.hits = self.misses = 0
+
+
+DECODED_TILES = DecodedTiles(budget_bytes=1 << 30)  # 1 GiB: 350,000 tiles at 32 px RGB, 87,000 at 64 px
+
+
 def decode_image(png: bytes, channels: int, image_size: int) -> torch.Tensor:
     """Image bytes -> float tensor [C, S, S] in [-1, 1].
 
     A non-square image is centre-cropped to a square first (the views are only defined for
     squares, and a resize alone would distort the tissue); then it is resized (Lanczos) when its
-    size differs from `image_size`.
+    size differs from `image_size`. In the main process, the result is kept in `DECODED_TILES`.
     """
+    cached = get_worker_info() is None
+    key = (hashlib.blake2b(png, digest_size=16).digest(), channels, image_size) if cached else None
+    array = DECODED_TILES.get(key) if cached else None
+    if array is None:
+        array = _decode_pixels(png, channels, image_size)
+        if cached:
+            DECODED_TILES.put(key, array)
+    tensor = torch.from_numpy(array).float().div_(127.5).sub_(1.0)
+    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+
+
+def _decode_pixels(png: bytes, channels: int, image_size: int) -> np.ndarray:
     with Image.open(io.BytesIO(png)) as img:
         img = img.convert("L" if channels == 1 else "RGB")
         width, height = img.size
@@ -121,9 +175,7 @@ def decode_image(png: bytes, channels: int, image_size: int) -> torch.Tensor:
             img = img.crop((left, top, left + side, top + side))
         if img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
-        array = np.array(img, dtype=np.uint8)
-    tensor = torch.from_numpy(array).float().div_(127.5).sub_(1.0)
-    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+        return np.array(img, dtype=np.uint8)
 
 
 def decode_npy(data: bytes) -> np.ndarray:
