@@ -23,8 +23,10 @@ A readable table, then one JSON object on the last line with every number.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -120,25 +122,30 @@ def stream_run(shards: Path, *, size: int, channels: int, batch_size: int, tiles
             "tiles": produced}
 
 
-def cached_stream_run(shards: Path, cache: bool, **kwargs) -> dict:
-    """A main-process stream (0 workers) with the decoded-tile cache off, or on and warmed by one untimed
-    pass over the same tiles first (what every epoch after the first sees)."""
-    DECODED_TILES.clear()
+@contextlib.contextmanager
+def decoded_tile_cache(on: bool):
+    """The main process's decoded-tile cache, empty, on (its usual budget) or off (no room), for one run."""
     budget = DECODED_TILES.budget_bytes
-    DECODED_TILES.budget_bytes = budget if cache else 0
+    DECODED_TILES.clear()
+    DECODED_TILES.budget_bytes = budget if on else 0
     try:
-        if cache:
-            stream_run(shards, workers=0, **kwargs)
-        return stream_run(shards, workers=0, **kwargs)
+        yield DECODED_TILES
     finally:
         DECODED_TILES.budget_bytes = budget
         DECODED_TILES.clear()
 
 
+def cached_stream_run(shards: Path, cache: bool, **kwargs) -> dict:
+    """A main-process stream (0 workers) with the decoded-tile cache off, or on and warmed by one untimed
+    pass over the same tiles first (what every epoch after the first sees)."""
+    with decoded_tile_cache(cache):
+        if cache:
+            stream_run(shards, workers=0, **kwargs)
+        return stream_run(shards, workers=0, **kwargs)
+
+
 def train_run(shards: Path, out: Path, *, config: Path, expert: Path, steps: int, cache: bool) -> dict:
     """Train a recipe `steps` steps on the shards, the decoded-tile cache off or on (empty at the start)."""
-    import shutil
-
     from fadscale.config import load_config
     from fadscale.config.schema import FadConfig
     from fadscale.train_fad import fad_trainer
@@ -147,16 +154,10 @@ def train_run(shards: Path, out: Path, *, config: Path, expert: Path, steps: int
     cfg = load_config(FadConfig, config, [f"run.out_dir={out}", f"data.shards={shards}", f"expert={expert}",
                                           f"train.max_steps={steps}", f"checkpoint.every={steps}", "run.resume=never",
                                           f"train.log_every={steps}", "eval.every=null"])
-    DECODED_TILES.clear()
-    budget = DECODED_TILES.budget_bytes
-    DECODED_TILES.budget_bytes = budget if cache else 0
-    try:
+    with decoded_tile_cache(cache) as tiles:
         started = time.perf_counter()
         fad_trainer(cfg).run()
-        return {"train_s": time.perf_counter() - started, "hits": DECODED_TILES.hits, "misses": DECODED_TILES.misses}
-    finally:
-        DECODED_TILES.budget_bytes = budget
-        DECODED_TILES.clear()
+        return {"train_s": time.perf_counter() - started, "hits": tiles.hits, "misses": tiles.misses}
 
 
 def median_of(runs: list[dict], key: str) -> float:
