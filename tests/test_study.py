@@ -77,6 +77,11 @@ def test_the_study_runs_each_cell_once_and_reports(tmp_path, monkeypatch, capsys
     study_fad.main(["status", "--out", str(out), "--seeds", "0", "--regimes", "low", "--arms", "vanilla", "fad-repa"])
     status = capsys.readouterr().out
     assert "seed 0 low   vanilla fad-repa" in status and "2 of 2 cells" in status
+    study_fad.main(["status", "--out", str(out), "--seeds", "0", "1", "--regimes", "low", "--arms", "vanilla", "fad-repa"])
+    status = capsys.readouterr().out
+    assert "2 of 4 cells" in status and "; 2 left" in status
+    with pytest.raises(SystemExit, match="must start with vanilla"):  # the differences are against vanilla
+        study_fad.main(["report", "--out", str(out), "--arms", "fad-repa", "vanilla"])
 
 
 def test_a_second_worker_waits_for_the_expert_another_is_training(tmp_path, monkeypatch):

@@ -446,8 +446,11 @@ def print_status(out: Path, seeds: list[int], regimes: list[str], arms: list[str
             print(f"seed {seed} {regime:<5} {mark}")
     if rows:
         seconds = [r["train_s"] + r["sample_s"] for r in rows]
-        print(f"{len(rows)} of {len(cells(seeds, regimes, arms))} cells; train + sample per cell: median "
-              f"{statistics.median(seconds):.0f} s (the evaluation and each seed's experts come on top)")
+        total = len(cells(seeds, regimes, arms))
+        left = len(set(cells(seeds, regimes, arms)) - done)
+        print(f"{len(rows)} of {total} cells; train + sample per cell: median "
+              f"{statistics.median(seconds):.0f} s (the evaluation and each seed's experts come on top); "
+              f"{left} left: about {left * statistics.median(seconds) / 3600:.1f} core-hours of that")
 
 
 # ------------------------------------------------------------------------------------------ main
