@@ -143,6 +143,9 @@ def test_decoded_tile_cache_gives_the_batches_of_decoding_every_tile(tiny_shards
     cached = [epoch(tiny_shards, epoch=e) for e in range(3)]
     assert kept.hits > kept.misses > 0  # later epochs are served from memory
     assert kept.used_bytes == kept.misses * 32 * 32  # one uint8 plane per distinct tile
+    used = kept.used_bytes
+    list(eval_loader(tiny_shards, batch_size=8, image_size=32, channels=1))  # read once: nothing to keep
+    assert kept.used_bytes == used
     monkeypatch.setattr(loader, "DECODED_TILES", loader.DecodedTiles(budget_bytes=0))
     decoded = [epoch(tiny_shards, epoch=e) for e in range(3)]
     assert loader.DECODED_TILES.used_bytes == 0
@@ -152,18 +155,26 @@ def test_decoded_tile_cache_gives_the_batches_of_decoding_every_tile(tiny_shards
 def test_decoded_tile_cache_keys_budget_and_copies(train_raw, monkeypatch):
     from fadscale.data import loader
 
-    kept = loader.DecodedTiles(budget_bytes=2 * 32 * 32)  # room for two 32 px grayscale tiles
-    monkeypatch.setattr(loader, "DECODED_TILES", kept)
     pngs = [raw["png"] for raw in list(train_raw.values())[:3]]
-    first = [decode_image(png, 1, 32) for png in pngs]
-    assert kept.used_bytes == 2 * 32 * 32 and kept.misses == 3  # the third did not fit: not kept
+    fresh = {(i, c, n): decode_image(png, c, n) for i, png in enumerate(pngs) for c, n in ((1, 32), (1, 16), (3, 32))}
+    kept = loader.DecodedTiles(budget_bytes=2 * 32 * 32 + 16 * 16 + 3 * 32 * 32)
+    monkeypatch.setattr(loader, "DECODED_TILES", kept)
+    assert torch.equal(decode_image(pngs[0], 1, 32), fresh[0, 1, 32])
+    assert kept.used_bytes == 0 and kept.misses == 1  # keep=False looks, and keeps nothing
+    first = [decode_image(png, 1, 32, keep=True) for png in pngs[:2]]
+    assert kept.used_bytes == 2 * 32 * 32 and kept.misses == 3
+    # Another size or channel count is another tile, kept beside the first.
+    assert torch.equal(decode_image(pngs[0], 1, 16, keep=True), fresh[0, 1, 16])
+    assert torch.equal(decode_image(pngs[0], 3, 32, keep=True), fresh[0, 3, 32])
+    assert kept.misses == 5 and kept.used_bytes == kept.budget_bytes
     first[0].fill_(0.5)  # a caller writing into its tensor does not change the kept tile
-    again = [decode_image(png, 1, 32) for png in pngs]
-    assert kept.hits == 2 and kept.misses == 4
-    assert not torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
-    # Another size or channel count is another tile.
-    assert decode_image(pngs[1], 1, 16).shape == (1, 16, 16)
-    assert decode_image(pngs[1], 3, 32).shape == (3, 32, 32)
+    again = [decode_image(pngs[0], c, n) for c, n in ((1, 32), (1, 16), (3, 32))]  # keep=False reads them too
+    assert kept.hits == 3 and kept.misses == 5
+    assert all(torch.equal(a, fresh[0, c, n]) for a, (c, n) in zip(again, ((1, 32), (1, 16), (3, 32))))
+    # The budget is spent: a new tile is decoded, not kept, every time.
+    for _ in range(2):
+        assert torch.equal(decode_image(pngs[2], 1, 32, keep=True), fresh[2, 1, 32])
+    assert kept.misses == 7 and kept.used_bytes == kept.budget_bytes
 
 
 def test_decode_exact_values_and_centre_crop():

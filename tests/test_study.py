@@ -80,6 +80,8 @@ def test_the_study_runs_each_cell_once_and_reports(tmp_path, monkeypatch, capsys
     study_fad.main(["status", "--out", str(out), "--seeds", "0", "1", "--regimes", "low", "--arms", "vanilla", "fad-repa"])
     status = capsys.readouterr().out
     assert "2 of 4 cells" in status and "; 2 left" in status
+    study_fad.main(["status", "--out", str(out), "--seeds", "1", "--regimes", "low", "--arms", "vanilla", "fad-repa"])
+    assert "0 of 2 cells" in capsys.readouterr().out  # only the cells asked about count
     with pytest.raises(SystemExit, match="must start with vanilla"):  # the differences are against vanilla
         study_fad.main(["report", "--out", str(out), "--arms", "fad-repa", "vanilla"])
 

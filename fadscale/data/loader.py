@@ -13,8 +13,9 @@ worker j % workers). So batch b of an epoch is the same whatever the number of w
 The price is that each worker reads the rank's tar bytes (cheap); decoding, the expensive part, is
 split between them.
 
-Decoding: a tile's PNG is decoded and resized once per process in the main process (`DECODED_TILES`, up to
-1 GiB, keyed by the bytes' digest); DataLoader workers decode every time.
+Decoding: a training stream in the main process decodes and resizes each tile once and keeps it
+(`DECODED_TILES`, up to 1 GiB, keyed by the bytes' digest); other reads in the main process use what is kept
+and add nothing; DataLoader workers decode every time.
 
 Evaluation mode (`eval_loader`): every sample of the split exactly once across all ranks and workers,
 with no view applied: the split's samples, numbered in shard order, are cut into one contiguous
@@ -109,15 +110,16 @@ def _kept(key: str, spec: "StreamSpec") -> bool:
 
 
 class DecodedTiles:
-    """Decoded, resized tiles kept in memory, by a digest of their bytes, up to a byte budget.
+    """Decoded, resized tiles kept in memory, by a digest of their bytes, up to a budget of pixel bytes.
 
-    A small data set is read many times (the demo's 2,800 real tiles about 9 times in 1,500 steps), and
-    decoding a 150 px PNG and resizing it costs far more than hashing its bytes: the cache is what the
-    reference's decode-everything-first loader gets, without giving up streaming. Keyed by content, so a
-    rewritten or damaged record is never served from it. Only the main process keeps one: DataLoader
-    workers live for one epoch, and one cache per worker per rank would multiply the memory.
-    When the budget is reached, the tiles already kept stay (a loop over a data set larger than the cache
-    would miss every time under LRU).
+    A training stream reads a small data set many times (the demo's 2,800 real tiles about 9 times in 1,500
+    steps; an expert's 1,400 tiles 16 times), and decoding a 150 px PNG and resizing it costs far more than
+    hashing its bytes: this is what the reference's decode-everything-first loader gets, without giving up
+    streaming. Keyed by content, so rewritten or damaged bytes are never served from it. Only training
+    streams in the main process fill it (`StreamSpec.keep_decoded`, `data.workers: 0`, the CPU recipes):
+    DataLoader workers are started again every epoch, so a cache of theirs would never be read again. Each
+    process (each DDP rank) keeps its own, up to the budget. When the budget is reached, the tiles already
+    kept stay (a loop over a data set larger than the cache would miss every time under LRU).
     """
 
     def __init__(self, budget_bytes: int):
@@ -136,7 +138,7 @@ class DecodedTiles:
 
     def put(self, key: tuple, tile: np.ndarray) -> None:
         if self.used_bytes + tile.nbytes <= self.budget_bytes:
-            self._tiles[key] = tile  # never written to: every caller converts it to a new float tensor
+            self._tiles[key] = tile  # read only by decode_image, which copies it into a new tensor
             self.used_bytes += tile.nbytes
 
     def clear(self) -> None:
@@ -147,21 +149,28 @@ class DecodedTiles:
 DECODED_TILES = DecodedTiles(budget_bytes=1 << 30)  # 1 GiB: 350,000 tiles at 32 px RGB, 87,000 at 64 px
 
 
-def decode_image(png: bytes, channels: int, image_size: int) -> torch.Tensor:
+def decode_image(png: bytes, channels: int, image_size: int, keep: bool = False) -> torch.Tensor:
     """Image bytes -> float tensor [C, S, S] in [-1, 1].
 
     A non-square image is centre-cropped to a square first (the views are only defined for
     squares, and a resize alone would distort the tissue); then it is resized (Lanczos) when its
-    size differs from `image_size`. In the main process, the result is kept in `DECODED_TILES`.
+    size differs from `image_size`. In the main process a tile already in `DECODED_TILES` is not decoded
+    again (evaluation reads the training tiles a run has just trained on); with `keep`, a new one is kept.
     """
-    cached = get_worker_info() is None
-    key = (hashlib.blake2b(png, digest_size=16).digest(), channels, image_size) if cached else None
-    array = DECODED_TILES.get(key) if cached else None
-    if array is None:
-        array = _decode_pixels(png, channels, image_size)
-        if cached:
-            DECODED_TILES.put(key, array)
-    tensor = torch.from_numpy(array).float().div_(127.5).sub_(1.0)
+    if get_worker_info() is not None:
+        return _to_tensor(_decode_pixels(png, channels, image_size), channels)
+    key = (hashlib.blake2b(png, digest_size=16).digest(), channels, image_size)
+    pixels = DECODED_TILES.get(key)
+    if pixels is None:
+        pixels = _decode_pixels(png, channels, image_size)
+        if keep:
+            DECODED_TILES.put(key, pixels)
+    return _to_tensor(pixels, channels)
+
+
+def _to_tensor(pixels: np.ndarray, channels: int) -> torch.Tensor:
+    # A copy (copy=True, whatever the dtype): the pixels may be the kept ones, which must never change.
+    tensor = torch.from_numpy(pixels).to(torch.float32, copy=True).div_(127.5).sub_(1.0)
     return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
 
 
@@ -200,6 +209,7 @@ class StreamSpec:
     digests: tuple[str | None, ...] = ()  # sha256 per shard (from the manifest); checked before first use
     on_corrupt: str = "error"  # "error" | "skip": what a damaged shard or record does
     keys: frozenset[str] | None = None  # when set, only these keys are read (data.max_per_class)
+    keep_decoded: bool = False  # keep decoded tiles in DECODED_TILES (a training stream reads them every epoch)
 
 
 class DamagedRecord(Exception):
@@ -255,7 +265,7 @@ def _decode(raw: dict, spec: StreamSpec, view: int, where: str) -> dict:
     if "png" not in raw or "cls" not in raw:
         raise FadscaleError(f"{where} has no .png or no .cls member (not a fadscale shard?)")
     try:
-        image = decode_image(raw["png"], spec.channels, spec.image_size)
+        image = decode_image(raw["png"], spec.channels, spec.image_size, keep=spec.keep_decoded)
         label = int(raw["cls"])
     except DECODE_ERRORS as exc:
         raise DamagedRecord(f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}") from None
@@ -595,7 +605,7 @@ def train_loader(shard_dir, *, batch_size: int, image_size: int, channels: int, 
     if samples_per_epoch is None:
         samples_per_epoch = len(keys) if keys is not None else split_count(shard_dir, split, subset)
     spec = StreamSpec(urls, image_size, channels, batch_size, tuple(features), subset, subset_seed, rank,
-                      world_size, counts, digests, on_corrupt, keys)
+                      world_size, counts, digests, on_corrupt, keys, keep_decoded=True)
     batches = batches_per_epoch(samples_per_epoch, batch_size, world_size)
     stream = TrainStream(spec, seed=seed, epoch=epoch, batches=batches, shuffle_buffer=shuffle_buffer,
                          views=views, start_batch=start_batch)
