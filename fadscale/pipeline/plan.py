@@ -381,39 +381,26 @@ def run_arms(plan: Plan, prepared: Prepared, clock: StageClock) -> dict[str, dic
     results: dict[str, dict] = {}
     # Thread pools that read the environment when they start (OpenMP, BLAS) get the same share.
     saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
-    os.environ.update({name: str(threads) for name in THREAD_VARIABLES})
     try:
-        for arm, extra in plan.arms.items():
-            receive, send = context.Pipe(duplex=False)
-            process = context.Process(target=_arm_in_own_process, name=f"fadscale-arm-{arm}", args=(
-                send, os.getpid(), threads, clock.expected, plan, prepared, arm, extra))
-            process.start()
-            send.close()
-            running[arm] = (process, receive)
-        _restore(saved)
+        os.environ.update({name: str(threads) for name in THREAD_VARIABLES})
+        try:
+            for arm, extra in plan.arms.items():
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(target=_arm_in_own_process, name=f"fadscale-arm-{arm}", args=(
+                    send, os.getpid(), threads, clock.expected, plan, prepared, arm, extra))
+                process.start()
+                send.close()
+                running[arm] = (process, receive)
+        finally:
+            _restore(saved)
         while len(results) < len(running):
             waiting = {receive: arm for arm, (_, receive) in running.items() if arm not in results}
             waiting.update({process.sentinel: arm for arm, (process, _) in running.items() if arm not in results})
             for ready in wait(list(waiting)):
                 arm = waiting[ready]
-                process, receive = running[arm]
-                if arm in results:
-                    continue
-                if not receive.poll():  # ended without a word: killed, or crashed hard
-                    process.join()
-                    raise FadscaleError(f"the {arm} arm's process ended without a result (exit code "
-                                        f"{process.exitcode})")
-                try:
-                    status, payload = receive.recv()
-                except EOFError:  # the pipe closed with nothing in it
-                    process.join()
-                    raise FadscaleError(f"the {arm} arm's process ended without a result (exit code "
-                                        f"{process.exitcode})") from None
-                if status == "error":
-                    raise payload
-                results[arm] = payload
+                if arm not in results:
+                    results[arm] = _arm_result(arm, *running[arm])
     finally:
-        _restore(saved)
         for process, _ in running.values():
             if process.is_alive():
                 process.terminate()  # the trainer checkpoints and the process ends
@@ -425,6 +412,21 @@ def run_arms(plan: Plan, prepared: Prepared, clock: StageClock) -> dict[str, dic
     for arm in plan.arms:
         clock.timings.update(results[arm]["timings"])
     return results
+
+
+def _arm_result(arm: str, process, receive: Connection) -> dict:
+    """What an arm's process sent: its result, or its exception raised here; an error naming the arm when the
+    process ended without a word (killed, or crashed hard)."""
+    try:
+        status, payload = receive.recv() if receive.poll() else ("gone", None)
+    except EOFError:  # the pipe closed with nothing in it
+        status, payload = "gone", None
+    if status == "gone":
+        process.join()
+        raise FadscaleError(f"the {arm} arm's process ended without a result (exit code {process.exitcode})")
+    if status == "error":
+        raise payload
+    return payload
 
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "FADSCALE_THREADS")
