@@ -49,7 +49,7 @@ from fadscale.runtime.logging import log_line
 from fadscale.core.sampling import generate, make_scheduler, to_uint8
 
 SEED_RULE = "int.from_bytes(sha256(f'fadscale-sample:{base}:{class_index}:{index}:{attempt}')[:8], 'big') >> 1"
-DEFAULT_STEPS = {"dpm++": 25, "ddim": 50}
+DEFAULT_STEPS = {"dpm++": 25, "dpm++-sde": 25, "ddim": 50}
 
 
 # --------------------------------------------------------------------------------------------------

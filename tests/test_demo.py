@@ -116,6 +116,8 @@ def test_demo_on_real_colour_tiles_takes_the_real_tile_recipe(installed, tmp_pat
         assert report["real"]["split"] == "test" and report["real"]["count"] == 32
         assert report["copies"]["computed"] and report["copies"]["train_tiles"] == 8 * 14
         assert len(report["intensity"]["per_class"]["TUMOR"]["channels_generated"]) == 3
+        sampled = json.loads((out / f"samples-{arm}/samples/manifest.json").read_text())
+        assert sampled["sampler"]["scheduler"] == "dpm++-sde"  # the real-tile recipe's sampler, quick or not
     report_md = (out / "report.md").read_text()
     for expected in ("copy share (nearer a training tile than 95% of held-out tiles)", "mean colour gap (R, G, B)",
                      "train-on-synthetic / train-on-real, same count", "against real test tiles",
@@ -219,6 +221,8 @@ def test_colour_tiles_take_the_real_tile_recipe_and_the_gpu_preset_needs_a_gpu(t
     assert (stained.recipe, stained.channels, stained.test_fraction) == ("kather16", 3, 0.2)
     cfg = arm_config(stained, "fad")
     assert cfg.data.channels == 3 and "kather16" not in cfg.run.out_dir  # the recipe's config, the demo's folders
+    assert "sample.scheduler=dpm++-sde" in stained.sample_overrides
+    assert "sample.scheduler=dpm++" in grey.sample_overrides  # the built-in recipe keeps the deterministic solver
     reference = demo_plan(tmp_path / "o", str(tmp_path / "stained"), grayscale=True)
     assert arm_config(reference, "vanilla").data.channels == 1
     gpu = arm_config(demo_plan(tmp_path / "o", str(tmp_path / "stained"), preset="gpu"), "fad")

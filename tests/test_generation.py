@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fadscale.core.align import build_projector
 from fadscale.core.conditioning import ClassConditioning
 from fadscale.core.models.unet import build_unet, probe_feature_shape
-from fadscale.core.sampling import SCHEDULERS, generate, make_scheduler
+from fadscale.core.sampling import SCHEDULERS, STOCHASTIC, generate, make_scheduler
 from fadscale.core.fad import FadModel
 
 LAYER = "down_blocks.2.resnets.0.conv_shortcut"
@@ -65,6 +65,24 @@ def test_every_sampler_with_and_without_guidance(scheduler, guidance):
     assert torch.equal(out, run(guidance))  # per-image seeds: reproducible, DDPM's step noise included
     if guidance != 1.0:
         assert (out - run(1.0)).abs().mean() > 1e-4, "guidance had no effect"
+
+
+@pytest.mark.parametrize("scheduler", sorted(STOCHASTIC))
+def test_stochastic_samplers_give_each_image_its_own_noise_whatever_the_batch(scheduler):
+    unet = _class_embedded_unet()
+    table = torch.randn(9, 1, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+
+    def run(labels: list[int], seeds: list[int]) -> torch.Tensor:
+        return generate(unet, table, torch.tensor(labels), seeds, scheduler=make_scheduler(scheduler, NOISE),
+                        steps=12, image_size=16, channels=1, device=torch.device("cpu"))
+
+    both = run([1, 5], [3, 4])
+    torch.testing.assert_close(both[1:], run([5], [4]), rtol=0, atol=1e-5)  # alone or in a batch: the same
+    torch.testing.assert_close(both[:1], run([1], [3]), rtol=0, atol=1e-5)
+    if scheduler == "dpm++-sde":  # it does re-noise: its tiles are not the deterministic solver's
+        deterministic = generate(unet, table, torch.tensor([1, 5]), [3, 4], scheduler=make_scheduler("dpm++", NOISE),
+                                 steps=12, image_size=16, channels=1, device=torch.device("cpu"))
+        assert (both - deterministic).abs().mean() > 1e-3
 
 
 def _procedural_batch(per_class: int, seed: int):

@@ -190,7 +190,7 @@ class EvalSection(Section):
     evaluator: str | None = Field(None, description="the evaluator's card (an expert on the other half of the "
                                   "tiles); required when eval.every is set")
     per_class: int = Field(8, ge=2, description="generated tiles per class at each evaluation")
-    scheduler: Literal["dpm++", "ddim"] = "dpm++"
+    scheduler: Literal["dpm++", "dpm++-sde", "ddim"] = "dpm++"
     steps: int = Field(15, ge=1, description="sampler steps")
 
 
@@ -265,8 +265,10 @@ class SampleModelSection(Section):
 
 
 class SamplingSection(Section):
-    scheduler: Literal["dpm++", "ddim", "ddpm"] = Field("dpm++", description="ddpm: the reference (1000 steps)")
-    steps: int | None = Field(None, ge=1, description="None: 25 for dpm++, 50 for ddim, all training steps for ddpm")
+    scheduler: Literal["dpm++", "dpm++-sde", "ddim", "ddpm"] = Field(
+        "dpm++", description="dpm++-sde: DPM-Solver++ re-noising at every step; ddpm: the reference (1000 steps)")
+    steps: int | None = Field(None, ge=1, description="None: 25 for dpm++ and dpm++-sde, 50 for ddim, all training "
+                                                      "steps for ddpm")
     guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale; 1: off")
     per_class: int = Field(16, ge=1)
     batch_size: int = Field(16, ge=1, description="images per UNet batch (the same on any number of ranks)")

@@ -10,7 +10,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from fadscale.core.models.unet import uses_class_labels
 
-SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
+              "dpm++-sde": DPMSolverMultistepScheduler}
+# Samplers that add fresh noise at every step: their noise is drawn per image (see generate).
+STOCHASTIC = {"ddpm", "dpm++-sde"}
 
 
 def noise_config(noise_cfg) -> dict:
@@ -24,11 +27,14 @@ def make_scheduler(name: str, config: dict, clip_sample: bool = True):
     """`clip_sample`: clip the predicted clean image to [-1, 1] (pixel space); off for latents."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler {name!r}: expected one of {', '.join(SCHEDULERS)}")
-    if name == "dpm++":
+    if name in ("dpm++", "dpm++-sde"):
         # DPM-Solver++ has no clip_sample: without thresholding its first step (t=999 of a cosine
         # schedule) amplifies the noise-prediction error ~2e4x and a briefly trained UNet gives saturated
         # noise. Dynamic thresholding to [-1, 1] is the pixel-space equivalent of clip_sample.
-        extra = {"algorithm_type": "dpmsolver++", "thresholding": clip_sample, "sample_max_value": 1.0}
+        # The SDE variant re-noises at every step, which lets later steps correct an imperfect model's
+        # errors instead of integrating them (Karras et al. 2022, section 4).
+        algorithm = "sde-dpmsolver++" if name == "dpm++-sde" else "dpmsolver++"
+        extra = {"algorithm_type": algorithm, "thresholding": clip_sample, "sample_max_value": 1.0}
     else:
         extra = {"clip_sample": clip_sample}
     return SCHEDULERS[name](**config, **extra)
@@ -58,9 +64,11 @@ def generate(unet, table: torch.Tensor, labels: torch.Tensor, seeds: list[int], 
     class_labels = labels.to(device) if uses_class_labels(unet) else None
     scheduler.set_timesteps(steps, device=device)
     latents = latents * scheduler.init_noise_sigma
-    # DDPM draws fresh noise at each step: a per-image generator keeps that reproducible too. It is
-    # derived from the seed through a hash, so image i's step noise never equals image i+1's start noise.
+    # DDPM and DPM-Solver++ SDE draw fresh noise at each step: a per-image generator keeps that
+    # reproducible whatever the batch. It is derived from the seed through a hash, so image i's step noise
+    # never equals image i+1's start noise.
     generators = [torch.Generator().manual_seed(_step_seed(int(s))) for s in seeds]
+    sde = isinstance(scheduler, DPMSolverMultistepScheduler) and scheduler.config.algorithm_type.startswith("sde")
     for t in scheduler.timesteps:
         model_in = torch.cat([latents] * 2) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
@@ -72,6 +80,9 @@ def generate(unet, table: torch.Tensor, labels: torch.Tensor, seeds: list[int], 
             stepped = [scheduler.step(out[i:i + 1], t, latents[i:i + 1], generator=generators[i]).prev_sample
                        for i in range(len(seeds))]
             latents = torch.cat(stepped)
+        elif sde:
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(device)
+            latents = scheduler.step(out, t, latents, variance_noise=noise).prev_sample
         else:
             latents = scheduler.step(out, t, latents).prev_sample
     return latents.clamp(-1, 1) if clamp else latents
