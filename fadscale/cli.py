@@ -304,6 +304,7 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="The pipeline folder to write (must not exist unless --overwrite)."),
     weights: str = typer.Option("ema", help="ema (the EMA weights, what `fadscale sample` uses) or raw."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export (only once the new one is complete)."),
+    scheduler: str = typer.Option("dpm++", help="The pipeline's sampler: dpm++, dpm++-sde (the real-tile recipe's), ddim or ddpm."),
 ) -> None:
     """Write a run as a diffusers pipeline folder: DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True).
 
@@ -312,7 +313,7 @@ def export(
     from fadscale.export import export_run
 
     with _one_line_errors(out):
-        typer.echo(export_run(run, out, weights=weights, overwrite=overwrite))
+        typer.echo(export_run(run, out, weights=weights, overwrite=overwrite, scheduler=scheduler))
 
 
 @app.command("submit")

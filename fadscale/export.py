@@ -1,12 +1,13 @@
 """`fadscale export`: a trained run as a diffusers pipeline folder that the tools of the field load.
 
     fadscale export runs/tiny/fad --out exported/fad-tiny
+    fadscale export runs/kather16/vanilla --out exported/kather16 --scheduler dpm++-sde   # the real-tile sampler
 
     DIR/
       model_index.json        the pipeline: fadscale_pipeline.FadscalePipeline, class names, class tokens
       fadscale_pipeline.py    its code (fadscale/artifacts/hub_pipeline.py): torch, PIL and diffusers only
       unet/                   UNet2DConditionModel (safetensors; EMA weights unless --weights raw)
-      scheduler/              DPM-Solver++ with the run's noise schedule (fadscale's default sampler)
+      scheduler/              the sampler (--scheduler; DPM-Solver++ by default) with the run's noise schedule
       vae/                    latent-space runs only
       README.md               how to load it, the classes, where it came from
 
@@ -27,15 +28,19 @@ PIPELINE_CLASS = "FadscalePipeline"
 INDEX = "model_index.json"
 
 
-def export_run(run: str | Path, out: str | Path, weights: str = "ema", overwrite: bool = False) -> Path:
-    """Write the pipeline folder of a trained run (its final/ weights) to `out`; returns `out`."""
+def export_run(run: str | Path, out: str | Path, weights: str = "ema", overwrite: bool = False,
+               scheduler: str = "dpm++") -> Path:
+    """Write the pipeline folder of a trained run (its final/ weights) to `out`, sampling with `scheduler`
+    (a name of fadscale.core.sampling.SCHEDULERS); returns `out`."""
     from fadscale.artifacts import hub_pipeline
     from fadscale.artifacts.hub_pipeline import FadscalePipeline
     from fadscale.artifacts.run import image_channels, load_run
-    from fadscale.core.sampling import make_scheduler
+    from fadscale.core.sampling import SCHEDULERS, make_scheduler
 
     if weights not in ("ema", "raw"):
         raise FadscaleError(f"--weights {weights!r}: expected ema or raw")
+    if scheduler not in SCHEDULERS:
+        raise FadscaleError(f"--scheduler {scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
     loaded = load_run(run, weights)
     if Path(out).resolve().is_relative_to(loaded.final.resolve()):
         raise FadscaleError(f"--out {out}: inside the run's final/ folder, which training replaces when the run "
@@ -43,7 +48,7 @@ def export_run(run: str | Path, out: str | Path, weights: str = "ema", overwrite
     card = loaded.card
     latent = card["space"] == "latent"
     pipe = FadscalePipeline(
-        unet=loaded.unet, scheduler=make_scheduler("dpm++", dict(card["noise"]), clip_sample=not latent),
+        unet=loaded.unet, scheduler=make_scheduler(scheduler, dict(card["noise"]), clip_sample=not latent),
         vae=loaded.vae, class_names=list(card["classes"]),
         class_tokens=loaded.table.reshape(loaded.table.shape[0], -1).tolist(),
         null_index=int(card["null_index"]), image_channels=image_channels(card),
@@ -57,12 +62,12 @@ def export_run(run: str | Path, out: str | Path, weights: str = "ema", overwrite
         index["_class_name"] = [Path(PIPELINE_FILE).stem, PIPELINE_CLASS]
         atomic_write_text(staging / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
         atomic_write_text(staging / PIPELINE_FILE, Path(hub_pipeline.__file__).read_text())
-        atomic_write_text(staging / "README.md", model_card(loaded, out, weights))
+        atomic_write_text(staging / "README.md", model_card(loaded, out, weights, scheduler))
         write_checksums(staging)  # last; FadscalePipeline.from_pretrained checks the files against it
     return out
 
 
-def model_card(loaded, out: Path, weights: str) -> str:
+def model_card(loaded, out: Path, weights: str, scheduler: str) -> str:
     card = loaded.card
     names = card["classes"]
     size = card["image_size"]
@@ -85,7 +90,7 @@ tiles = pipe(["{names[0]}", "{names[-1]}"], generator=torch.Generator().manual_s
 diffusers only). With fadscale installed, `from fadscale.artifacts.hub_pipeline import FadscalePipeline;
 FadscalePipeline.from_pretrained("{out}")` loads the same pipeline without running code from the folder.
 
-The default scheduler is fadscale's sampler (DPM-Solver++, 25 steps, the run's noise schedule). One
+The scheduler is fadscale's `{scheduler}` with the run's noise schedule (25 steps by default). One
 generator per tile (`generator=[torch.Generator().manual_seed(s) for s in seeds]`) makes each tile depend
-on its own seed only. `guidance_scale > 1` applies classifier-free guidance against the null class.
+on its own seed only, and equal to `fadscale sample`'s tile of that seed. `guidance_scale > 1` applies classifier-free guidance against the null class.
 """

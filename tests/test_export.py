@@ -73,6 +73,26 @@ def test_diffusers_loads_it_and_makes_the_tiles_fadscale_sample_makes(exported, 
             assert np.array_equal(np.asarray(tile), np.asarray(ours)), (c, j)
 
 
+@pytest.mark.parametrize("scheduler", ["dpm++-sde", "ddpm"])
+def test_a_stochastic_sampler_exports_and_draws_the_step_noise_fadscale_sample_draws(tiny_fad_run, tmp_path, scheduler):
+    from fadscale.artifacts.hub_pipeline import FadscalePipeline
+
+    out = export_run(tiny_fad_run, tmp_path / "pipe", scheduler=scheduler)
+    sample_images(sample_config(tiny_fad_run, tmp_path / "ours", sample__per_class=2, sample__scheduler=scheduler,
+                                sample__steps=STEPS, run__seed=5))
+    pipe = FadscalePipeline.from_pretrained(out)
+    wanted = [(4, 1), (0, 0), (4, 0)]
+    generators = [torch.Generator().manual_seed(image_seed(5, c, j)) for c, j in wanted]
+    tiles = pipe([CLASSES[c] for c, _ in wanted], num_inference_steps=STEPS, generator=generators).images
+    for (c, j), tile in zip(wanted, tiles):
+        with Image.open(tmp_path / "ours" / "samples" / class_folder(c, CLASSES[c]) / f"{j:05d}.png") as ours:
+            assert np.array_equal(np.asarray(tile), np.asarray(ours)), (scheduler, c, j)
+    assert f"fadscale's `{scheduler}`" in (out / "README.md").read_text()
+    with pytest.raises(FadscaleError, match="--scheduler 'euler': expected one of"):
+        export_run(tiny_fad_run, tmp_path / "other", scheduler="euler")
+    assert not (tmp_path / "other").exists()
+
+
 def test_without_trust_remote_code_diffusers_refuses_and_fadscale_loads_it_without_running_its_code(exported):
     from diffusers import DiffusionPipeline
 

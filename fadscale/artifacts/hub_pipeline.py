@@ -16,7 +16,8 @@ This module imports only torch, PIL and diffusers (diffusers copies it into its 
 refuses files that import packages it cannot find). Keep it that way.
 
 The sampling loop is fadscale's own (`fadscale.core.sampling.generate`): the same seeds, scheduler and
-guidance give the same tiles as `fadscale sample` (tests/test_export.py checks it pixel for pixel).
+guidance give the same tiles as `fadscale sample`, stochastic samplers included (tests/test_export.py checks
+it pixel for pixel).
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ from PIL import Image
 
 # ITU-R 601 luma: how fadscale turns an RGB VAE's output into the 1-channel tiles a grayscale run makes.
 _LUMA = (0.299, 0.587, 0.114)
+
+
+def draws_step_noise(scheduler) -> bool:
+    """Whether `scheduler` adds fresh noise at every step (DDPM's ancestral steps, DPM-Solver++ SDE)."""
+    return isinstance(scheduler, diffusers.DDPMScheduler) or (
+        isinstance(scheduler, diffusers.DPMSolverMultistepScheduler)
+        and scheduler.config.algorithm_type.startswith("sde"))
+
+
+def step_seed(seed: int) -> int:
+    """The seed of a tile's step noise, from its start-noise seed: a hash, so tile i's step noise never equals
+    tile i+1's start noise. fadscale's sampler (fadscale.core.sampling) uses this same rule."""
+    return int.from_bytes(hashlib.sha256(f"ddpm-steps:{seed}".encode()).digest()[:8], "little")
 
 
 class FadscalePipeline(DiffusionPipeline):
@@ -147,6 +161,11 @@ class FadscalePipeline(DiffusionPipeline):
             unet_labels = torch.cat([torch.full_like(labels, null), labels])
         class_labels_in = unet_labels.to(device) if getattr(self.unet, "class_embedding", None) is not None else None
 
+        # Samplers that draw fresh noise at each step draw it, per tile, from a generator seeded from that
+        # tile's seed (fadscale's rule, fadscale.core.sampling): a tile depends on its seed alone, whatever
+        # the batch, and matches `fadscale sample`'s tile of the same seed.
+        step_generators = ([torch.Generator().manual_seed(step_seed(g.initial_seed())) for g in generator]
+                           if isinstance(generator, list) and draws_step_noise(self.scheduler) else None)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         for t in self.progress_bar(self.scheduler.timesteps):
@@ -156,11 +175,12 @@ class FadscalePipeline(DiffusionPipeline):
             if guided:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
-            if isinstance(generator, list) and isinstance(self.scheduler, diffusers.DDPMScheduler):
-                # DDPM draws fresh noise each step: from each tile's own generator, so a tile still
-                # depends on its generator alone (multistep solvers keep state across the batch: one call).
+            if step_generators and isinstance(self.scheduler, diffusers.DDPMScheduler):
                 latents = torch.cat([self.scheduler.step(out[i:i + 1], t, latents[i:i + 1], generator=g).prev_sample
-                                     for i, g in enumerate(generator)])
+                                     for i, g in enumerate(step_generators)])
+            elif step_generators:  # DPM-Solver++ SDE: multistep state spans the batch, so one call, per-tile noise
+                noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in step_generators])
+                latents = self.scheduler.step(out, t, latents, variance_noise=noise.to(device)).prev_sample
             else:
                 latents = self.scheduler.step(out, t, latents, generator=None if isinstance(generator, list)
                                               else generator).prev_sample

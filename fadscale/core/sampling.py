@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+from fadscale.artifacts.hub_pipeline import draws_step_noise, step_seed
 from fadscale.core.models.unet import uses_class_labels
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
@@ -65,10 +66,9 @@ def generate(unet, table: torch.Tensor, labels: torch.Tensor, seeds: list[int], 
     scheduler.set_timesteps(steps, device=device)
     latents = latents * scheduler.init_noise_sigma
     # DDPM and DPM-Solver++ SDE draw fresh noise at each step: a per-image generator keeps that
-    # reproducible whatever the batch. It is derived from the seed through a hash, so image i's step noise
-    # never equals image i+1's start noise.
-    generators = [torch.Generator().manual_seed(_step_seed(int(s))) for s in seeds]
-    sde = isinstance(scheduler, DPMSolverMultistepScheduler) and scheduler.config.algorithm_type.startswith("sde")
+    # reproducible whatever the batch. Its seed comes from the image's seed by the rule an exported
+    # pipeline also uses (hub_pipeline.step_seed), so both make the same tile from the same seed.
+    generators = [torch.Generator().manual_seed(step_seed(int(s))) for s in seeds]
     for t in scheduler.timesteps:
         model_in = torch.cat([latents] * 2) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
@@ -80,7 +80,7 @@ def generate(unet, table: torch.Tensor, labels: torch.Tensor, seeds: list[int], 
             stepped = [scheduler.step(out[i:i + 1], t, latents[i:i + 1], generator=generators[i]).prev_sample
                        for i in range(len(seeds))]
             latents = torch.cat(stepped)
-        elif sde:
+        elif draws_step_noise(scheduler):
             noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(device)
             latents = scheduler.step(out, t, latents, variance_noise=noise).prev_sample
         else:
@@ -88,10 +88,6 @@ def generate(unet, table: torch.Tensor, labels: torch.Tensor, seeds: list[int], 
     return latents.clamp(-1, 1) if clamp else latents
 
 
-def _step_seed(seed: int) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"ddpm-steps:{seed}".encode()).digest()[:8], "little")
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
