@@ -90,7 +90,8 @@ tiles = pipe(["{names[0]}", "{names[-1]}"], generator=torch.Generator().manual_s
 diffusers only). With fadscale installed, `from fadscale.artifacts.hub_pipeline import FadscalePipeline;
 FadscalePipeline.from_pretrained("{out}")` loads the same pipeline without running code from the folder.
 
-The scheduler is fadscale's `{scheduler}` with the run's noise schedule (25 steps by default). One
-generator per tile (`generator=[torch.Generator().manual_seed(s) for s in seeds]`) makes each tile depend
-on its own seed only, and equal to `fadscale sample`'s tile of that seed. `guidance_scale > 1` applies classifier-free guidance against the null class.
+The scheduler is fadscale's `{scheduler}` with the run's noise schedule (`num_inference_steps` 25 by
+default). One generator per tile (`generator=[torch.Generator().manual_seed(s) for s in seeds]`) makes each
+tile depend on its own seed only; at the same steps and guidance it equals the tile `fadscale sample` makes
+from that seed (its manifest names each tile's seed rule). `guidance_scale > 1` applies classifier-free guidance against the null class.
 """

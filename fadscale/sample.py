@@ -49,6 +49,8 @@ from fadscale.runtime.logging import log_line
 from fadscale.core.sampling import generate, make_scheduler, to_uint8
 
 SEED_RULE = "int.from_bytes(sha256(f'fadscale-sample:{base}:{class_index}:{index}:{attempt}')[:8], 'big') >> 1"
+# DDPM and DPM-Solver++ SDE draw each step's noise from a generator of its own per image (hub_pipeline.step_seed).
+STEP_NOISE_RULE = "int.from_bytes(sha256(f'ddpm-steps:{image_seed}')[:8], 'little')"
 DEFAULT_STEPS = {"dpm++": 25, "dpm++-sde": 25, "ddim": 50}
 
 
@@ -321,7 +323,7 @@ def _manifest(cfg: SampleConfig, loaded: LoadedRun, sampler: Sampler, names: lis
         "sampler": {"scheduler": cfg.sample.scheduler, "steps": sampler.steps, "guidance": cfg.sample.guidance,
                     "batch_size": cfg.sample.batch_size, "dtype": str(dtype).removeprefix("torch."),
                     "device": device.type},
-        "seeds": {"base": cfg.run.seed, "rule": SEED_RULE},
+        "seeds": {"base": cfg.run.seed, "rule": SEED_RULE, "step_noise_rule": STEP_NOISE_RULE},
         "per_class": {name: sum(1 for r in records if r["class"] == name) for name in names},
         "count": images,
         "filter": {"enabled": cfg.filter.enabled, "low": cfg.filter.low, "high": cfg.filter.high,

@@ -71,7 +71,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--preset", default="cpu-base")
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--scheduler", default="dpm++", choices=["dpm++", "ddim", "ddpm"])
+    parser.add_argument("--scheduler", default="dpm++", choices=["dpm++", "dpm++-sde", "ddim", "ddpm"])
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 64, 256])
     parser.add_argument("--compile-batches", type=int, nargs="*", default=[64],

@@ -9,7 +9,7 @@ class-conditional DDPM of the same size, trained the same way, scored in full at
 Each arm is one run trained in stages: to the first point, then resumed to the next (the trainer continues a
 run when max_steps grows), so every point is the same run further on. The learning rate is constant after
 warm-up in both arms (a cosine decay would tie each point's weights to where the schedule ends). At every
-point the run's EMA weights are sampled (32 tiles per class, DPM-Solver++ 25, the demo's sampler) and
+point the run's EMA weights are sampled (32 tiles per class, DPM-Solver++ 25, the demo's sampler when this curve was measured) and
 evaluated against the shards' test part exactly as the demo is: every figure of the real-tile bar, recall,
 orientation per class, and the grid (`<out>/eval-<arm>-<step>/grids/`).
 

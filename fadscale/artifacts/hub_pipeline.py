@@ -136,7 +136,10 @@ class FadscalePipeline(DiffusionPipeline):
         """Tiles for `class_labels` (class names or indices, one tile each).
 
         guidance_scale: classifier-free guidance against the null class (1: none; > 1 needs a run trained
-        with label dropout). generator: one per tile for tiles that do not depend on the batch.
+        with label dropout). generator: one per tile for tiles that do not depend on the batch. With DDPM or
+        DPM-Solver++ SDE, each tile's step noise comes from its generator's seed (`step_seed`), not its state:
+        pass freshly seeded generators for new tiles. Other stochastic schedulers draw their step noise
+        from torch's global generator.
         output_type: "pil" (8-bit images, as fadscale writes them), "np" ([N, H, W, C] floats in [0, 1]),
         "pt" ([N, C, H, W] floats in [0, 1]) or "latent".
         """

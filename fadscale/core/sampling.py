@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+# The step-noise rule lives in the exported pipeline's module (which may import nothing of fadscale), so the
+# two make the same tile from the same seed.
 from fadscale.artifacts.hub_pipeline import draws_step_noise, step_seed
 from fadscale.core.models.unet import uses_class_labels
 
