@@ -49,6 +49,19 @@ def step_seed(seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"ddpm-steps:{seed}".encode()).digest()[:8], "little")
 
 
+def denoise_step(scheduler, out, t, latents, step_generators=None, generator=None):
+    """One scheduler step. With `step_generators` (one per tile, for a scheduler that draws step noise), each
+    tile's step noise comes from its own generator, so a tile depends on its seed alone, whatever the batch.
+    fadscale's sampler (fadscale.core.sampling) steps through this same function."""
+    if step_generators and isinstance(scheduler, diffusers.DDPMScheduler):
+        return torch.cat([scheduler.step(out[i:i + 1], t, latents[i:i + 1], generator=g).prev_sample
+                          for i, g in enumerate(step_generators)])
+    if step_generators:  # DPM-Solver++ SDE: its multistep state spans the batch, so one call with per-tile noise
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in step_generators])
+        return scheduler.step(out, t, latents, variance_noise=noise.to(latents.device)).prev_sample
+    return scheduler.step(out, t, latents, generator=generator).prev_sample
+
+
 class FadscalePipeline(DiffusionPipeline):
     """Class-conditional tiles from a fadscale UNet.
 
@@ -178,15 +191,8 @@ class FadscalePipeline(DiffusionPipeline):
             if guided:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
-            if step_generators and isinstance(self.scheduler, diffusers.DDPMScheduler):
-                latents = torch.cat([self.scheduler.step(out[i:i + 1], t, latents[i:i + 1], generator=g).prev_sample
-                                     for i, g in enumerate(step_generators)])
-            elif step_generators:  # DPM-Solver++ SDE: multistep state spans the batch, so one call, per-tile noise
-                noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in step_generators])
-                latents = self.scheduler.step(out, t, latents, variance_noise=noise.to(device)).prev_sample
-            else:
-                latents = self.scheduler.step(out, t, latents, generator=None if isinstance(generator, list)
-                                              else generator).prev_sample
+            latents = denoise_step(self.scheduler, out, t, latents, step_generators,
+                                   generator=None if isinstance(generator, list) else generator)
         if output_type == "latent":
             images = latents
         else:

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 # The step-noise rule lives in the exported pipeline's module (which may import nothing of fadscale), so the
 # two make the same tile from the same seed.
-from fadscale.artifacts.hub_pipeline import draws_step_noise, step_seed
+from fadscale.artifacts.hub_pipeline import denoise_step, draws_step_noise, step_seed
 from fadscale.core.models.unet import uses_class_labels
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
@@ -70,7 +70,8 @@ def generate(unet, table: torch.Tensor, labels: torch.Tensor, seeds: list[int], 
     # DDPM and DPM-Solver++ SDE draw fresh noise at each step: a per-image generator keeps that
     # reproducible whatever the batch. Its seed comes from the image's seed by the rule an exported
     # pipeline also uses (hub_pipeline.step_seed), so both make the same tile from the same seed.
-    generators = [torch.Generator().manual_seed(step_seed(int(s))) for s in seeds]
+    generators = ([torch.Generator().manual_seed(step_seed(int(s))) for s in seeds]
+                  if draws_step_noise(scheduler) else None)
     for t in scheduler.timesteps:
         model_in = torch.cat([latents] * 2) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
@@ -78,15 +79,7 @@ def generate(unet, table: torch.Tensor, labels: torch.Tensor, seeds: list[int], 
         if guided:
             uncond, cond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
-        if isinstance(scheduler, DDPMScheduler):
-            stepped = [scheduler.step(out[i:i + 1], t, latents[i:i + 1], generator=generators[i]).prev_sample
-                       for i in range(len(seeds))]
-            latents = torch.cat(stepped)
-        elif draws_step_noise(scheduler):
-            noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(device)
-            latents = scheduler.step(out, t, latents, variance_noise=noise).prev_sample
-        else:
-            latents = scheduler.step(out, t, latents).prev_sample
+        latents = denoise_step(scheduler, out, t, latents, generators)
     return latents.clamp(-1, 1) if clamp else latents
 
 
