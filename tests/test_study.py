@@ -3,11 +3,13 @@ the detectable difference, the steps to the convergence bar."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from tools.study_fad import detectable, holm, paired_test, steps_to_bar, t_cdf, t_quantile
+from tools.study_fad import (analyse, detectable, holm, paired_test, steps_to_bar, t_cdf, t_quantile,
+                             verdict_tables)
 
 
 def test_t_distribution_matches_the_tables():
@@ -47,6 +49,31 @@ def test_steps_to_bar_interpolates_between_probes_and_is_missing_when_never_reac
     assert steps_to_bar(curve, 0.9) is None
 
 
+def test_the_rule_calls_a_consistent_gain_helps_and_noise_no_effect(tmp_path):
+    """Fake cells for 6 seeds: fad-seed gains 0.10 on every seed, fad-repa moves by +-0.02 at random."""
+    arms = ["vanilla", "fad-seed", "fad-repa"]
+    wobble = [0.02, -0.02, 0.01, -0.01, 0.02, -0.015]
+    for regime in ("full", "low"):
+        for seed in range(6):
+            base = 0.7 + 0.01 * seed
+            for arm, acc in (("vanilla", base), ("fad-seed", base + 0.1 + wobble[seed] / 4),
+                             ("fad-repa", base + wobble[seed])):
+                cell = tmp_path / f"seed-{seed}" / regime / arm
+                cell.mkdir(parents=True)
+                metrics = {"gen_acc": acc, "frechet_ratio": 5.0 - acc}
+                (cell / "result.json").write_text(json.dumps(
+                    {"seed": seed, "regime": regime, "arm": arm, "metrics": metrics}))
+    analysis = analyse(tmp_path, arms)
+    full = analysis["regimes"]["full"]
+    assert full["seeds"] == list(range(6))
+    assert full["differences"]["fad-seed"]["gen_acc"]["verdict"] == "helps"
+    assert full["differences"]["fad-repa"]["gen_acc"]["verdict"] == "no effect shown"
+    assert full["differences"]["fad-seed"]["gen_acc"]["p_holm"] >= full["differences"]["fad-seed"]["gen_acc"]["p"]
+    table = verdict_tables(analysis)
+    assert "| full | fad-seed | 6 | 0.725 | 0.825 | +0.100 [" in table and table.count("| helps |") == 2
+    assert "| low | fad-repa |" in table and "frechet_ratio" in table
+
+
 @pytest.mark.slow
 def test_the_study_runs_each_cell_once_and_reports(tmp_path, monkeypatch, capsys):
     """--quick (procedural tiles, a few steps): the low-data regime's capped tiles, the repa arm's inner-stage
@@ -73,6 +100,7 @@ def test_the_study_runs_each_cell_once_and_reports(tmp_path, monkeypatch, capsys
     rows = list(csv.DictReader((out / "per-seed.csv").open()))
     assert [(r["regime"], r["arm"], r["seed"]) for r in rows] == [("low", "vanilla", "0"), ("low", "fad-repa", "0")]
     assert (out / "curves.png").stat().st_size > 0
+    assert (out / "verdicts.md").read_text().startswith("| regime | arm | seeds |")  # one seed: no test, headers only
     capsys.readouterr()
     study_fad.main(["status", "--out", str(out), "--seeds", "0", "--regimes", "low", "--arms", "vanilla", "fad-repa"])
     status = capsys.readouterr().out

@@ -370,7 +370,7 @@ RULE = (f"primary: generation accuracy on the test split; per regime and arm, th
 
 
 def write_outputs(out: Path, analysis: dict, arms: list[str]) -> None:
-    """summary.json, per-seed.csv and curves.png in `out`."""
+    """summary.json, per-seed.csv, curves.png and verdicts.md in `out`."""
     from fadscale.runtime.io import atomic_write_json
 
     rows = results(out)
@@ -387,6 +387,37 @@ def write_outputs(out: Path, analysis: dict, arms: list[str]) -> None:
                              r.get("train_s")])
     os.replace(out / "per-seed.csv.partial", out / "per-seed.csv")
     plot_curves(rows, arms, out / "curves.png")
+    (out / "verdicts.md.partial").write_text(verdict_tables(analysis))
+    os.replace(out / "verdicts.md.partial", out / "verdicts.md")
+
+
+def verdict_tables(analysis: dict) -> str:
+    """The results page's two tables, in Markdown: the primary metric under the rule, then the secondary ones."""
+    def interval(t: dict, digits: int) -> str:
+        if t.get("ci95") is None:
+            return f"{t['mean']:+.{digits}f}"
+        return f"{t['mean']:+.{digits}f} [{t['ci95'][0]:+.{digits}f}, {t['ci95'][1]:+.{digits}f}]"
+
+    lines = ["| regime | arm | seeds | vanilla | arm | difference [95% interval] | p | Holm p | seeds up | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for regime, block in analysis["regimes"].items():
+        for arm, per_metric in block["differences"].items():
+            t = per_metric.get(PRIMARY)
+            if t is None:
+                continue
+            p = "" if t["p"] is None else f"{t['p']:.3f}"
+            holm_p = f"{t['p_holm']:.3f}" if "p_holm" in t else ""
+            lines.append(f"| {regime} | {arm} | {t['n']} | {block['means']['vanilla'][PRIMARY]:.3f} | "
+                         f"{block['means'][arm][PRIMARY]:.3f} | {interval(t, 3)} | {p} | {holm_p} | "
+                         f"{t['seeds_up']}/{t['n']} | {t.get('verdict', '-')} |")
+    secondary = [key for key, _, _ in METRICS if key != PRIMARY]
+    lines += ["", "| regime | arm | " + " | ".join(secondary) + " |", "|---|---|" + "---|" * len(secondary)]
+    for regime, block in analysis["regimes"].items():
+        for arm, per_metric in block["differences"].items():
+            cells = [interval(per_metric[key], 1 if key == "steps_to_bar" else 3) + f" (n={per_metric[key]['n']})"
+                     if key in per_metric else "" for key in secondary]
+            lines.append(f"| {regime} | {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value) -> str:
