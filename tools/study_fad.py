@@ -371,7 +371,7 @@ RULE = (f"primary: generation accuracy on the test split; per regime and arm, th
 
 def write_outputs(out: Path, analysis: dict, arms: list[str]) -> None:
     """summary.json, per-seed.csv, curves.png and verdicts.md in `out`."""
-    from fadscale.runtime.io import atomic_write_json
+    from fadscale.runtime.io import atomic_write_json, atomic_write_text
 
     rows = results(out)
     atomic_write_json(out / "summary.json", analysis)
@@ -387,8 +387,7 @@ def write_outputs(out: Path, analysis: dict, arms: list[str]) -> None:
                              r.get("train_s")])
     os.replace(out / "per-seed.csv.partial", out / "per-seed.csv")
     plot_curves(rows, arms, out / "curves.png")
-    (out / "verdicts.md.partial").write_text(verdict_tables(analysis))
-    os.replace(out / "verdicts.md.partial", out / "verdicts.md")
+    atomic_write_text(out / "verdicts.md", verdict_tables(analysis))
 
 
 def verdict_tables(analysis: dict) -> str:
