@@ -380,7 +380,7 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing demo folder."),
     quick: bool = typer.Option(False, "--quick", help="The smallest setting: every stage in a minute or two."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps per arm (default: the "
-                                        "recipe's: 1,200 on built-in tiles, 1,500 on real ones), in proportionally "
+                                        "recipe's: 1,200 on built-in tiles, 2,500 on real ones), in proportionally "
                                         "more time; docs/results/ has what longer runs measured."),
     preset: str = typer.Option("cpu", "--preset", help="cpu: the CPU-sized recipe; gpu: tiny-sd's UNet at 64 px "
                                "(needs a CUDA GPU)."),

@@ -111,6 +111,7 @@ def test_demo_on_real_colour_tiles_takes_the_real_tile_recipe(installed, tmp_pat
         "train": 8 * 14, "val": 8 * 2, "test": 8 * 4}
     card = json.loads((out / "fad/final/run_card.json").read_text())
     assert card["config"]["data"]["channels"] == 3
+    assert card["config"]["train"]["crop"] == 24 and card["config"]["align"]["enabled"]  # FAD trains on windows too
     for arm in ("vanilla", "fad"):
         report = json.loads((out / f"eval-{arm}/report.json").read_text())
         assert report["real"]["split"] == "test" and report["real"]["count"] == 32
@@ -121,7 +122,7 @@ def test_demo_on_real_colour_tiles_takes_the_real_tile_recipe(installed, tmp_pat
     report_md = (out / "report.md").read_text()
     for expected in ("copy share (nearer a training tile than 95% of held-out tiles)", "mean colour gap (R, G, B)",
                      "train-on-synthetic / train-on-real, same count", "against real test tiles",
-                     "configs/kather16/fad.yaml", "--test-fraction 0.2"):
+                     "configs/kather16/fad.yaml", "--test-fraction 0.2", "random 24 px windows of the 32 px tiles"):
         assert expected in report_md, expected
 
 

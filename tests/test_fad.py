@@ -624,8 +624,10 @@ def test_crop_trains_on_random_windows_of_each_tile_and_samples_whole_tiles(tiny
     assert crops.shape == (3, 1, 4, 4)
     for i in range(3):  # each crop is a window of its own tile
         assert any(torch.equal(crops[i], images[i, :, t:t + 4, l:l + 4]) for t in range(5) for l in range(5))
-    with pytest.raises(FadscaleError, match="train.crop"):  # a cached alignment target is the whole tile's
-        fad_config(tiny_shards, tiny_expert, tmp_path / "x", tmp_path / "c", train__crop=16)
+    with pytest.raises(FadscaleError, match="align.projector seed and align.target cached"):  # a map of the whole tile
+        fad_config(tiny_shards, tiny_expert, tmp_path / "x", tmp_path / "c", train__crop=16, align__projector="repa")
+    with pytest.raises(FadscaleError, match="align.projector seed and align.target cached"):  # the expert would see a window
+        fad_config(tiny_shards, tiny_expert, tmp_path / "x", tmp_path / "c", train__crop=16, align__target="noisy-online")
     with pytest.raises(FadscaleError, match="train.crop 32 must be smaller"):
         fad_config(tiny_shards, tiny_expert, tmp_path / "x", tmp_path / "c", align__enabled=False, train__crop=32)
     cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "c", align__enabled=False,
@@ -633,3 +635,17 @@ def test_crop_trains_on_random_windows_of_each_tile_and_samples_whole_tiles(tiny
     train_fad(cfg)
     loaded = load_run(tmp_path / "run")
     assert loaded.card["config"]["train"]["crop"] == 16 and loaded.card["sample_size"] == 32
+
+
+def test_crop_with_the_seed_projector_aligns_each_window_to_its_tiles_pooled_feature(tiny_shards, tiny_expert, tmp_path):
+    """Patch training with alignment: the window's pooled UNet feature meets the whole tile's cached expert feature."""
+    from fadscale.artifacts.run import load_run
+
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__crop=16, train__max_steps=2,
+                     train__log_every=1)
+    train_fad(cfg)
+    loaded = load_run(tmp_path / "run")
+    assert loaded.card["config"]["train"]["crop"] == 16 and loaded.card["config"]["align"]["enabled"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    aligned = [row["loss/align"] for row in rows if "loss/align" in row]
+    assert aligned and all(0 < value <= 2 for value in aligned)  # 1 - cosine of real features, not skipped

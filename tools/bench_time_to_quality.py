@@ -14,8 +14,8 @@ evaluated against the shards' test part exactly as the demo is: every figure of 
 orientation per class, and the grid (`<out>/eval-<arm>-<step>/grids/`).
 
 Arms (the same cpu-base UNet, batch, learning rate, class embedding, EMA and sampler):
-  recipe   configs/kather16/vanilla.yaml: v-prediction, timesteps drawn as T u^2 (more low-noise steps)
-  plain    a plain DDPM: epsilon prediction, uniform timesteps, sampled on leading timesteps
+  recipe   configs/kather16/vanilla.yaml: v-prediction, timesteps drawn as T u^2 (more low-noise steps), 24 px windows
+  plain    a plain DDPM: epsilon prediction, uniform timesteps, sampled on leading timesteps, whole tiles
 
 Time: each stage's training seconds (measured: its own process, at --threads, beside whatever else ran; the
 "other load" column says how many CPUs other processes kept busy meanwhile). The last line is one JSON object
@@ -41,7 +41,7 @@ ARMS = {
     "recipe": CONSTANT_LR,
     # Leading timesteps, as DDPM samples: trailing ones start at t = T - 1, where an epsilon model's x0
     # estimate divides by sqrt(alpha_bar) ~ 0.006 and the tiles blow up (v-prediction has no such step).
-    "plain": CONSTANT_LR + ["noise.prediction_type=epsilon", "noise.timestep_power=1", "noise.timestep_spacing=leading"],
+    "plain": CONSTANT_LR + ["train.crop=null", "noise.prediction_type=epsilon", "noise.timestep_power=1", "noise.timestep_spacing=leading"],
 }
 SAMPLER = ["sample.scheduler=dpm++", "sample.steps=25"]
 FIGURES = ["generation_accuracy", "frechet_ratio", "syn_over_real", "copy_share", "colour_gap", "recall"]
@@ -77,6 +77,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tag", default="", help="appended to each arm's folder names (runs with other --set)")
     parser.add_argument("--split", default="test", choices=["test", "val"],
                         help="the real tiles scored: test (the benchmark), or val (to pick a setting: never on test)")
+    parser.add_argument("--sample", action="append", default=[], metavar="KEY=VALUE",
+                        help="a sampling override (e.g. sample.scheduler=dpm++-sde, the real-tile demo's sampler)")
     args = parser.parse_args(argv)
     from bench_recipe import reuse_demo
 
@@ -87,7 +89,7 @@ def main(argv=None) -> None:
     threads = set_cpu_threads(args.threads)
     out = Path(args.out)
     prepared = reuse_demo(Path(args.from_demo), out, Prepared)
-    plan = Plan(out=out, recipe="kather16", channels=3, sample_overrides=list(SAMPLER), eval_every=None)
+    plan = Plan(out=out, recipe="kather16", channels=3, sample_overrides=[*SAMPLER, *args.sample], eval_every=None)
     rows: list[dict] = []
     for arm in args.arms:
         seconds = 0.0
@@ -102,7 +104,7 @@ def main(argv=None) -> None:
                 sample_run(plan, run_dir, out / f"samples-{tag}")
                 report = evaluate_run(plan, prepared, out / f"samples-{tag}", out / f"eval-{tag}",
                                       overrides=[f"real.split={args.split}"])
-            row = {"arm": arm + args.tag, "settings": args.set, "split": args.split, "step": step, "train_seconds": round(seconds, 1), "threads": threads,
+            row = {"arm": arm + args.tag, "settings": args.set, "sampling": args.sample, "split": args.split, "step": step, "train_seconds": round(seconds, 1), "threads": threads,
                    "other_load_cpus": round(load.cpus, 2), **point_figures(report)}
             rows.append(row)
             print(f"{arm:<7} step {step:>6}  train {seconds:>7.0f} s  gen. acc {row['generation_accuracy']:.3f} "

@@ -23,7 +23,7 @@ The design is the protocol's (the file above holds the reasons; change it there 
 - Regimes: `full` (the generator on all 2,800 train tiles, the alignment expert on half A) and `low` (50
   tiles per class of half A, drawn by S, for the generator and the alignment expert, which trains 20 epochs
   instead of 6 so that it takes about as many optimizer steps).
-- Arms (ARMS): vanilla and four alignment arms, configs/kather16/fad.yaml otherwise (1,500 steps x 16).
+- Arms (ARMS): vanilla and four alignment arms, configs/kather16/fad.yaml otherwise, on whole tiles (1,500 steps x 16).
 - Probes every 150 steps (16 tiles per class, DPM-Solver++ 15, against val tiles): the learning curve and
   the steps to the convergence bar. Final: 64 tiles per class (DPM-Solver++ 25) scored on the test split.
 """
@@ -70,7 +70,9 @@ SEEDS_MIN, SEEDS_MAX, PILOT_SEEDS = 5, 8, 3
 SEEDS = 8  # what the pilot chose (docs/results/fad-vs-vanilla.md, "The internal pilot"): seeds 0-7
 CONVERGENCE_BAR = 0.70  # probe generation accuracy (val tiles, 128 tiles)
 
-SETTINGS = dict(steps=None, probe_every=150, probe_per_class=16, per_class=64, sampler=("dpm++", 25),
+# The protocol's training, pinned here so that later recipe changes (configs/kather16) do not move it: 1,500
+# whole-tile steps (the recipe's when the study ran; it trains on 24 px crops now).
+SETTINGS = dict(steps=1500, probe_every=150, probe_per_class=16, per_class=64, sampler=("dpm++", 25),
                 evaluator_epochs=16)
 QUICK = dict(source="procedural:per_class=16,size=32,seed=0", steps=4, probe_every=2, probe_per_class=2, per_class=2,
              sampler=("dpm++", 3), evaluator_epochs=1, extra=["model.preset=cpu-tiny", "data.batch_size=8",
@@ -217,7 +219,7 @@ def run_cell(out: Path, seed: int, regime: str, arm: str, quick: bool) -> dict:
                 per_class=s["per_class"], eval_every=s["probe_every"],
                 fad_overrides=[f"data.shards={shards}", f"eval.evaluator={evaluator}",
                                f"eval.per_class={s['probe_per_class']}", f"data.subset_seed={seed}",
-                               *([f"train.max_steps={s['steps']}"] if s["steps"] else []), *generator,
+                               f"train.max_steps={s['steps']}", "train.crop=null", *generator,
                                *s.get("extra", [])],
                 sample_overrides=[f"sample.scheduler={scheduler}", f"sample.steps={steps}"],
                 eval_overrides=["utility.steps=5"] if quick else [])

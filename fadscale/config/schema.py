@@ -178,7 +178,8 @@ class FadTrainSection(Section):
     nan_tolerance: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
     crop: int | None = Field(None, ge=8, multiple_of=8, description="train on a random crop of this size from each "
                              "tile (patch training: cheaper steps on texture-like tiles); sampling stays at "
-                             "data.image_size; None: whole tiles")
+                             "data.image_size; with alignment (seed projector, cached target) the window's "
+                             "pooled feature is aligned to its tile's; None: whole tiles")
 
 
 class EvalSection(Section):
@@ -220,9 +221,14 @@ class FadConfig(Section):
         crop = self.train.crop
         if crop is not None and crop >= self.data.image_size:
             raise ValueError(f"train.crop {crop} must be smaller than data.image_size {self.data.image_size}")
-        if crop is not None and (self.align.enabled or self.model.space == "latent"):
-            raise ValueError("train.crop works with align.enabled false in pixel space (an alignment target and a "
-                             "latent describe the whole tile, not a crop of it)")
+        if crop is not None and self.model.space == "latent":
+            raise ValueError("train.crop works in pixel space only (a latent describes the whole tile, not a crop of it)")
+        # The seed projector compares pooled features: a window's pooled UNet feature is pulled towards its whole
+        # tile's expert feature, which holds for texture tiles (a window carries its tile's class). The repa
+        # projector's target is a map of the whole tile, and the noisy targets would run the expert on a window.
+        if crop is not None and self.align.enabled and (self.align.projector != "seed" or self.align.target != "cached"):
+            raise ValueError(f"train.crop with alignment needs align.projector seed and align.target cached (a pooled "
+                             f"target); got projector {self.align.projector!r}, target {self.align.target!r}")
         return self
 
     @model_validator(mode="after")

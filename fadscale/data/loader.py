@@ -112,7 +112,7 @@ def _kept(key: str, spec: "StreamSpec") -> bool:
 class DecodedTiles:
     """Decoded, resized tiles kept in memory, by a digest of their bytes, up to a budget of pixel bytes.
 
-    A training stream reads a small data set many times (the demo's 2,800 real tiles about 9 times in 1,500
+    A training stream reads a small data set many times (the demo's 2,800 real tiles about 14 times in 2,500
     steps; an expert's 1,400 tiles 16 times), and decoding a 150 px PNG and resizing it costs far more than
     hashing its bytes: this is what the reference's decode-everything-first loader gets, without giving up
     streaming. Keyed by content, so rewritten or damaged bytes are never served from it. Only training

@@ -358,7 +358,9 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
                              if result.get("arm_processes", 1) > 1 else "")),
         document.Paragraph(
             "Vanilla = plain training; FAD = the same plus the feature-alignment loss. Both use the same "
-            f"seed, steps ({trained['train']['max_steps']:,} at batch {trained['data']['batch_size']}), UNet "
+            f"seed, steps ({trained['train']['max_steps']:,} at batch {trained['data']['batch_size']}"
+            + (f", on random {trained['train']['crop']} px windows of the {trained['data']['image_size']} px tiles"
+               if trained["train"].get("crop") else "") + "), UNet "
             f"({trained['model']['preset']}) and sampler. Scored by an evaluator trained on tiles (split B) that the "
             f"alignment expert (split A) never saw, against real {split} tiles that no model trained on"
             + (" or picked anything on" if split == "test" else "") + "."),
@@ -424,7 +426,7 @@ def demo_plan(out: Path, data: str | None = None, quick: bool = False, steps: in
 
     `quick`: the smallest setting (a smoke test of every stage in about a minute): 96 tiles, 1 expert
     epoch, the cpu-tiny UNet for 6 steps (two learning-curve points), 3 samples per class, no utility
-    classifiers. `steps`: training steps per arm instead of the recipe's (1,200 on built-in tiles, 1,500 on real ones),
+    classifiers. `steps`: training steps per arm instead of the recipe's (1,200 on built-in tiles, 2,500 on real ones),
     in proportionally more time (docs/results/procedural-demo.md and real-tiles.md say what longer runs
     measured); learning-curve points stay about a dozen per run."""
     plan = Plan(out=out, source=str(Path(data).resolve()) if data else Plan.source, eval_every=EVAL_EVERY,
