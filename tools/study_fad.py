@@ -71,7 +71,7 @@ SEEDS = 8  # what the pilot chose (docs/results/fad-vs-vanilla.md, "The internal
 CONVERGENCE_BAR = 0.70  # probe generation accuracy (val tiles, 128 tiles)
 
 # The protocol's training, pinned here so that later recipe changes (configs/kather16) do not move it: 1,500
-# whole-tile steps (the recipe's when the study ran; it trains on 24 px crops now).
+# whole-tile steps (the recipe's when the study ran; it trains on 24 px windows now).
 SETTINGS = dict(steps=1500, probe_every=150, probe_per_class=16, per_class=64, sampler=("dpm++", 25),
                 evaluator_epochs=16)
 QUICK = dict(source="procedural:per_class=16,size=32,seed=0", steps=4, probe_every=2, probe_per_class=2, per_class=2,

@@ -341,6 +341,9 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
 
     bar_names = [(what, bar) for what, _, bar, _ in next(iter(bars.values()))]
     trained = RUN_CARD.read(runs[arms[0]] / "final")["config"]
+    training = f"{trained['train']['max_steps']:,} at batch {trained['data']['batch_size']}"
+    if trained["train"].get("crop"):
+        training += f", on random {trained['train']['crop']} px windows of the {trained['data']['image_size']} px tiles"
 
     def tone(passed: bool | None) -> str:
         return "good" if passed else "bad" if passed is False else ""
@@ -358,9 +361,7 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
                              if result.get("arm_processes", 1) > 1 else "")),
         document.Paragraph(
             "Vanilla = plain training; FAD = the same plus the feature-alignment loss. Both use the same "
-            f"seed, steps ({trained['train']['max_steps']:,} at batch {trained['data']['batch_size']}"
-            + (f", on random {trained['train']['crop']} px windows of the {trained['data']['image_size']} px tiles"
-               if trained["train"].get("crop") else "") + "), UNet "
+            f"seed, steps ({training}), UNet "
             f"({trained['model']['preset']}) and sampler. Scored by an evaluator trained on tiles (split B) that the "
             f"alignment expert (split A) never saw, against real {split} tiles that no model trained on"
             + (" or picked anything on" if split == "test" else "") + "."),
