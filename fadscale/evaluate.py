@@ -1,4 +1,5 @@
-"""`fadscale evaluate`: score a sample set against the real validation tiles with an independent evaluator.
+"""`fadscale evaluate`: score a sample set against held-out real tiles (the test part when the shards have one,
+else val) with an independent evaluator.
 
     python -m fadscale.evaluate --config configs/tiny/evaluate.yaml
 

@@ -65,6 +65,7 @@ def test_evaluator_on_real_val_tiles_gives_its_card_accuracy(real_as_samples, ti
     assert json.loads((out / "report.json").read_text())["generation_accuracy"]["overall"] == acc["overall"]
     markdown = (out / "report.md").read_text()
     assert "| generation accuracy" in markdown and "| TUMOR |" in markdown and "| orientation gen. |" in markdown
+    assert "| Frechet distance, real train vs real val (reference) |" in markdown  # the split it scored
     assert (out / "confusion.png").is_file() and (out / "config.yaml").is_file()
     for name in card["classes"]:
         with Image.open(out / "grids" / f"{name}.png") as grid:
@@ -163,6 +164,9 @@ def test_copy_check_passes_unseen_tiles_and_fails_a_generator_that_memorises(rea
     on_train = evaluate_samples(real_as_samples, tiny_expert, real__split="train", **common)
     assert on_train["copies"] == {"computed": False,
                                   "reason": "the scored real tiles are the train split: nothing is held out"}
+    from fadscale.core.evaluation.report import markdown_report
+
+    assert "| Frechet distance, real train vs real train (reference) |" in markdown_report(on_train)
 
 
 def test_class_colour_is_compared_channel_by_channel():

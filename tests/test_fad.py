@@ -189,6 +189,7 @@ def test_stop_request_checkpoints_and_exits_cleanly(tiny_shards, tiny_expert, tm
     trainer.stop._handle(10, None)  # as if SIGUSR1 arrived during the first step
     host_handler = signal.getsignal(signal.SIGTERM)
     assert trainer.run() == 0
+    assert trainer.stopped
     assert signal.getsignal(signal.SIGTERM) is host_handler  # the trainer's handlers lived only while it ran
     steps = [p.name for p in (tmp_path / "run/checkpoints").iterdir()]
     assert steps == ["step-00000001"]
@@ -197,6 +198,34 @@ def test_stop_request_checkpoints_and_exits_cleanly(tiny_shards, tiny_expert, tm
     train_fad(fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "cache", train__max_steps=3,
                          checkpoint__every=100))
     assert json.loads((tmp_path / "run/final/run_card.json").read_text())["step"] == 3
+
+
+def test_the_pipeline_does_not_go_on_from_a_stopped_training(tiny_shards, tiny_expert, tmp_path, monkeypatch):
+    """A stop request checkpoints and returns 0 (what a requeued SLURM job needs), so the pipeline must look
+    at the trainer, not the exit code: sampling next would score the run's earlier final/ as this point's."""
+    from fadscale.pipeline.plan import Plan, Prepared, train_run
+    from fadscale.runtime.signals import StopRequest
+    from fadscale.training import trainer as training_loop
+
+    class StopNow(StopRequest):
+        def requested(self) -> bool:
+            self._flag, self.reason = True, "test"
+            return True
+
+    plan = Plan(out=tmp_path, fad_overrides=[f"data.shards={tiny_shards}", "model.preset=cpu-tiny",
+                                             "data.batch_size=8", "checkpoint.every=100"])
+    prepared = Prepared(tmp_path, tiny_shards, tiny_expert, tiny_expert)
+    run = train_run(plan, prepared, "vanilla", ["align.enabled=false", "train.max_steps=2"])
+    card = run / "final" / "run_card.json"
+    assert json.loads(card.read_text())["step"] == 2
+    longer = ["align.enabled=false", "train.max_steps=4"]
+    monkeypatch.setattr(training_loop, "StopRequest", StopNow)
+    with pytest.raises(FadscaleError, match=r"training stopped at step 3 of 4 .*the same command resumes it"):
+        train_run(plan, prepared, "vanilla", longer)
+    assert json.loads(card.read_text())["step"] == 2  # nothing exported: final/ is still the 2-step run's
+    monkeypatch.setattr(training_loop, "StopRequest", StopRequest)
+    assert train_run(plan, prepared, "vanilla", longer) == run
+    assert json.loads(card.read_text())["step"] == 4
 
 
 def test_a_missing_cache_is_refused_with_the_command_that_builds_it(tiny_shards, tiny_expert, tmp_path):

@@ -227,10 +227,11 @@ def run_cell(out: Path, seed: int, regime: str, arm: str, quick: bool) -> dict:
     started = time.perf_counter()
     if uses_cache(cfg):
         build_cache(cfg)  # once per seed and regime (locked; a complete cache is reused)
-    fad_trainer(cfg).run()
+    trainer = fad_trainer(cfg)
+    trainer.run()
     train_s = time.perf_counter() - started
     run_dir = Path(cfg.run.out_dir)
-    if not (run_dir / "final" / "run_card.json").is_file():  # stopped by a signal: checkpointed, not finished
+    if trainer.stopped:  # stopped by a signal: checkpointed, not finished
         raise SystemExit(f"{run_dir}: stopped before its last step; the same command resumes it")
     manifest = sample_run(plan, run_dir, cell / "samples", seed=seed)
     prepared = Prepared(plan.out, shards, alignment, evaluator)

@@ -264,7 +264,11 @@ def train_run(plan: Plan, prepared: Prepared, arm: str, extra: list[str] | None 
     from fadscale.train_fad import fad_trainer
 
     cfg = arm_config(plan, arm, extra, seed=seed, tag=tag, alignment=prepared.alignment_expert)
-    fad_trainer(cfg).run()
+    trainer = fad_trainer(cfg)
+    trainer.run()
+    if trainer.stopped:  # a stop request checkpoints and returns: its final/ is missing or an earlier run's
+        raise FadscaleError(f"{cfg.run.out_dir}: training stopped at step {trainer.state['step']} of "
+                            f"{cfg.train.max_steps} (a stop was requested); the same command resumes it")
     return Path(cfg.run.out_dir)
 
 

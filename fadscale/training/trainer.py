@@ -62,6 +62,7 @@ class Trainer:
         self.task, self.backend, self.settings, self.config = task, backend, settings, config
         self.out = Path(settings.out_dir)
         self.stop = StopRequest(self.out)
+        self.stopped = False  # run() ended on a stop request: checkpointed, not finished, nothing exported
         parts = task.build(backend)
         self.model, self.optimizer = backend.prepare(parts.model, parts.optimizer)
         self.schedule = parts.schedule
@@ -201,7 +202,7 @@ class Trainer:
                     log_line(f"stop requested ({self.stop.reason or 'on another rank'}): checkpoint at step "
                              f"{step}, exit", backend.is_main)
                     self._save()
-                    stopped = True
+                    stopped = self.stopped = True
                     break
         progress.close()
         if not stopped:

@@ -67,18 +67,18 @@ def intensity_by_class(generated: dict[str, torch.Tensor], real_scored: dict[str
             "max_abs_channel_gap": max(abs(g) for v in per_class.values() for g in v["channel_gap"])}
 
 
-def orientation_by_class(generated: dict[str, torch.Tensor], real_val: dict[str, torch.Tensor],
+def orientation_by_class(generated: dict[str, torch.Tensor], real_scored: dict[str, torch.Tensor],
                          classes: list[str]) -> dict:
-    """Orientation coherence (0..1, metrics.orientation_coherence) per class of the generated and the real
-    val tiles: oriented structure such as stroma's fibres, which accuracy and distances do not see."""
+    """Orientation coherence (0..1, metrics.orientation_coherence) per class of the generated and the scored
+    real tiles: oriented structure such as stroma's fibres, which accuracy and distances do not see."""
     per_class = {}
     for name in classes:
         gen = orientation_coherence(generated[name]) if len(generated[name]) else None
-        real = orientation_coherence(real_val[name]) if len(real_val[name]) else None
+        real = orientation_coherence(real_scored[name]) if len(real_scored[name]) else None
         per_class[name] = {"generated": gen, "real": real,
                            "gap": gen - real if gen is not None and real is not None else None}
     return {"what": "orientation coherence of the gradient structure tensor (1: all edges one way, ~0: "
-                    "isotropic); real: the real val tiles", "per_class": per_class}
+                    "isotropic); real: the scored real tiles", "per_class": per_class}
 
 
 def inception_fid(weights: str | None, generated: torch.Tensor, real: torch.Tensor) -> dict:

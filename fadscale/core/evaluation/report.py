@@ -106,7 +106,7 @@ def markdown_report(report: dict) -> str:
             ("SSIM diversity, generated (mean over classes)", div["generated"]),
             ("SSIM diversity, real (mean over classes)", div["real"]),
             ("Frechet distance (evaluator features)", overall["frechet"]),
-            ("Frechet distance, real train vs real val (reference)", (report["distances"].get("reference") or {}).get("frechet")),
+            (f"Frechet distance, real train vs real {report['real']['split']} (reference)", (report["distances"].get("reference") or {}).get("frechet")),
             ("Frechet ratio (generated / reference; 1 = as close as real tiles)", report["distances"].get("frechet_ratio")),
             ("KID (evaluator features)", overall["kid"]),
             ("precision", overall["precision"]), ("recall", overall["recall"])]
