@@ -197,9 +197,9 @@ def run_cell(out: Path, seed: int, regime: str, arm: str, quick: bool) -> dict:
     from fadscale.artifacts import EXPERT_CARD
     from fadscale.cache_features import build_cache
     from fadscale.config import uses_cache
-    from fadscale.pipeline.plan import Plan, Prepared, arm_config, evaluate_run, sample_run
+    from fadscale.errors import FadscaleError
+    from fadscale.pipeline.plan import Plan, Prepared, arm_config, evaluate_run, sample_run, train_run
     from fadscale.runtime.io import atomic_write_json
-    from fadscale.train_fad import fad_trainer
 
     cell = out / f"seed-{seed}" / regime / arm
     if (cell / "result.json").is_file():
@@ -223,18 +223,17 @@ def run_cell(out: Path, seed: int, regime: str, arm: str, quick: bool) -> dict:
                                *s.get("extra", [])],
                 sample_overrides=[f"sample.scheduler={scheduler}", f"sample.steps={steps}"],
                 eval_overrides=["utility.steps=5"] if quick else [])
-    cfg = arm_config(plan, arm, ARMS[arm], seed=seed, tag=f"{arm}/run", alignment=alignment)
+    prepared = Prepared(plan.out, shards, alignment, evaluator)
     started = time.perf_counter()
+    cfg = arm_config(plan, arm, ARMS[arm], seed=seed, tag=f"{arm}/run", alignment=alignment)
     if uses_cache(cfg):
         build_cache(cfg)  # once per seed and regime (locked; a complete cache is reused)
-    trainer = fad_trainer(cfg)
-    trainer.run()
+    try:
+        run_dir = train_run(plan, prepared, arm, ARMS[arm], seed=seed, tag=f"{arm}/run")
+    except FadscaleError as exc:  # e.g. stopped by a signal: checkpointed, not finished; one line, no traceback
+        raise SystemExit(str(exc)) from None
     train_s = time.perf_counter() - started
-    run_dir = Path(cfg.run.out_dir)
-    if trainer.stopped:  # stopped by a signal: checkpointed, not finished
-        raise SystemExit(f"{run_dir}: stopped before its last step; the same command resumes it")
     manifest = sample_run(plan, run_dir, cell / "samples", seed=seed)
-    prepared = Prepared(plan.out, shards, alignment, evaluator)
     report = evaluate_run(plan, prepared, cell / "samples", cell / "eval", seed=seed)
     result = {"seed": seed, "regime": regime, "arm": arm, "quick": quick, **record(report, run_dir),
               "train_s": round(train_s, 1), "sample_s": manifest["timing"]["wall_s"],

@@ -157,8 +157,8 @@ class Trainer:
         progress = tqdm(total=s.max_steps, initial=state["step"], desc="train", unit="step",
                         disable=not backend.is_main or done, dynamic_ncols=True)
         window_start, window_images = time.perf_counter(), 0
-        stopped = False
-        while not done and not stopped:
+        self.stopped = False
+        while not done and not self.stopped:
             epoch, start = divmod(state["micro"], s.batches_per_epoch)
             torch.manual_seed(epoch_seed(s.seed, epoch, backend.rank))
             batches = iter(self.task.loader(epoch, start))  # draws the DataLoader's seed, as the first run did
@@ -202,10 +202,10 @@ class Trainer:
                     log_line(f"stop requested ({self.stop.reason or 'on another rank'}): checkpoint at step "
                              f"{step}, exit", backend.is_main)
                     self._save()
-                    stopped = self.stopped = True
+                    self.stopped = True
                     break
         progress.close()
-        if not stopped:
+        if not self.stopped:
             self.task.export(self.view(logger))
         logger.close()
         backend.barrier()
