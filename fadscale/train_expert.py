@@ -41,6 +41,7 @@ from fadscale.runtime.io import git_commit, save_safetensors, sha256_file
 from fadscale.runtime.logging import log_line
 from fadscale.core.evaluation.report import save_confusion_png
 from fadscale.training.lr_schedule import make_lr_schedule
+from fadscale.training.optimizer import make_optimizer
 from fadscale.training.backend import Backend, DDPBackend
 from fadscale.training.fingerprint import digest
 from fadscale.training.task import LoopSettings, LoopView, TrainParts
@@ -179,8 +180,7 @@ class ExpertTask:
                 log_line("note: model.sync_batchnorm needs a GPU (PyTorch's SyncBatchNorm); ignored on CPU",
                          backend.is_main)
         model.to(backend.device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                      betas=cfg.optim.betas)
+        optimizer = make_optimizer(model.parameters(), cfg.optim, backend.device)
         schedule = make_lr_schedule(optimizer, cfg.optim, self.steps_per_epoch * cfg.train.epochs)
         self.model = model
         log_line(f"expert {cfg.model.arch}: {backend.world} process(es) on {backend.device.type}, "

@@ -44,6 +44,7 @@ from fadscale.errors import FadscaleError
 from fadscale.runtime.io import atomic_output_dir, foreign_entries, git_commit, write_checksums
 from fadscale.runtime.logging import log_line, read_metrics
 from fadscale.training.lr_schedule import make_lr_schedule
+from fadscale.training.optimizer import make_optimizer
 from fadscale.core.sampling import generate, grid, make_scheduler as make_sampler, noise_config
 from fadscale.training.backend import AccelerateBackend
 from fadscale.training.fingerprint import digest
@@ -116,9 +117,7 @@ class FadTask:
             if cfg.align.target == "noisy-reference":
                 self.online_expert.train()  # BatchNorm on batch statistics, as the reference leaves it
         self.objective = FadObjective(cfg, self.noise, self.card, self.online_expert, needs_spatial(cfg))
-        fused = {"fused": True} if backend.device.type == "cuda" else {}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                      weight_decay=cfg.optim.weight_decay, **fused)
+        optimizer = make_optimizer(model.parameters(), cfg.optim, backend.device)
         schedule = make_lr_schedule(optimizer, cfg.optim, cfg.train.max_steps)
         if cfg.model.compile:
             model.unet = torch.compile(model.unet)
@@ -183,8 +182,9 @@ class FadTask:
         gen = step_generator(self.cfg.run.seed, micro_step, self.backend.rank)
         labels = batch["label"].to(self.backend.device)
         clean = self._clean(batch, gen)
-        if self.cfg.train.crop:
-            clean = random_crops(clean, self.cfg.train.crop, gen)
+        crop, until = self.cfg.train.crop, self.cfg.train.crop_until
+        if crop and (until is None or step < until):
+            clean = random_crops(clean, crop, gen)
         return self.objective(model, clean, labels, batch, step, gen, self.input_dtype, self.channels_last)
 
     def _clean(self, batch: dict, gen: torch.Generator) -> torch.Tensor:

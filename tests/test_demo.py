@@ -226,6 +226,11 @@ def test_colour_tiles_take_the_real_tile_recipe_and_the_gpu_preset_needs_a_gpu(t
     assert "sample.scheduler=dpm++" in grey.sample_overrides  # the built-in recipe keeps the deterministic solver
     reference = demo_plan(tmp_path / "o", str(tmp_path / "stained"), grayscale=True)
     assert arm_config(reference, "vanilla").data.channels == 1
+    # Long real-tile runs train with update clipping (AdamW at the recipe's rate collapsed on them); the demo's
+    # own length, and the built-in recipe at any length, keep AdamW.
+    for steps, data, name in ((20000, "stained", "stableadamw"), (10000, "stained", "adamw"), (None, "stained", "adamw"),
+                              (20000, "grey", "adamw")):
+        assert arm_config(demo_plan(tmp_path / "o", str(tmp_path / data), steps=steps), "vanilla").optim.name == name
     gpu = arm_config(demo_plan(tmp_path / "o", str(tmp_path / "stained"), preset="gpu"), "fad")
     assert (gpu.model.preset, gpu.data.image_size, gpu.data.channels) == ("tiny-sd", 64, 3)
     # A data set by name goes through the downloader (tests/test_download.py serves it over loopback).

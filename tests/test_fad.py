@@ -146,10 +146,12 @@ def test_two_process_run_learns_and_ranks_stay_in_sync(method, tiny_shards, tiny
     assert unet.config.in_channels == 1
 
 
-def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_shards, tiny_expert, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "stableadamw"])
+def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_shards, tiny_expert, tmp_path, optimizer):
     # With the centred seed projector, whose running mean (a buffer, not a parameter) must resume too.
     cache = tmp_path / "cache"
-    settings = dict(train__max_steps=6, checkpoint__every=3, train__label_dropout=0.2, align__center_target=True)
+    settings = dict(train__max_steps=6, checkpoint__every=3, train__label_dropout=0.2, align__center_target=True,
+                    optim__name=optimizer)
     train_fad(fad_config(tiny_shards, tiny_expert, tmp_path / "full", cache, **settings))
     # A run killed after logging step 5: only its step-3 checkpoint and its log of steps 1-5 survive.
     resumed_dir = tmp_path / "resumed"
@@ -664,6 +666,21 @@ def test_crop_trains_on_random_windows_of_each_tile_and_samples_whole_tiles(tiny
     train_fad(cfg)
     loaded = load_run(tmp_path / "run")
     assert loaded.card["config"]["train"]["crop"] == 16 and loaded.card["sample_size"] == 32
+
+
+def test_crop_until_trains_whole_tiles_from_that_step_on(tiny_shards, tiny_expert, tmp_path):
+    """A finishing phase at the size the sampler draws: windows for the first crop_until steps, whole tiles after."""
+    from fadscale.train_fad import fad_trainer
+
+    with pytest.raises(FadscaleError, match="train.crop_until needs train.crop"):
+        fad_config(tiny_shards, tiny_expert, tmp_path / "x", tmp_path / "c", align__enabled=False, train__crop_until=2)
+    cfg = fad_config(tiny_shards, tiny_expert, tmp_path / "run", tmp_path / "c", align__enabled=False,
+                     train__crop=16, train__crop_until=2, train__max_steps=3)
+    trainer = fad_trainer(cfg)
+    sizes = []
+    trainer.task.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[-1]))
+    assert trainer.run() == 0
+    assert sizes[:3] == [16, 16, 32]  # then the last step's grid, at 32
 
 
 def test_crop_with_the_seed_projector_aligns_each_window_to_its_tiles_pooled_feature(tiny_shards, tiny_expert, tmp_path):

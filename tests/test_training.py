@@ -147,3 +147,25 @@ def test_no_intact_checkpoint_stops_rather_than_start_over(full_run, tmp_path):
     (run / "checkpoints/step-00000003/checksums.json").unlink()
     with pytest.raises(FadscaleError, match="no intact checkpoint to resume from"):
         trainer(run).run()
+
+
+def test_stableadamw_bounds_the_step_that_follows_a_quiet_stretch():
+    """After many small gradients Adam's second moment is small, so one outlier gradient moves a tensor by
+    (1 - beta1) / sqrt(1 - beta2) = 3.2 learning rates; StableAdamW's update clipping keeps it under one."""
+    from fadscale.config.schema import OptimSection
+    from fadscale.training.optimizer import make_optimizer
+
+    moves = {}
+    for name in ("adamw", "stableadamw"):
+        param = torch.nn.Parameter(torch.zeros(64))
+        optimizer = make_optimizer([param], OptimSection(name=name, lr=1.0, weight_decay=0.0), torch.device("cpu"))
+        for _ in range(5000):
+            param.grad = torch.full_like(param, 1e-3)
+            optimizer.step()
+        before = param.detach().clone()
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+        moves[name] = (param.detach() - before).abs().max().item()
+    assert type(optimizer).__name__ == "StableAdamW"
+    assert moves["adamw"] > 3.0, moves
+    assert moves["stableadamw"] < 0.2, moves

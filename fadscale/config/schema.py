@@ -51,6 +51,10 @@ class DataSection(Section):
 
 
 class OptimSection(Section):
+    name: Literal["adamw", "stableadamw"] = Field(
+        "adamw", description="stableadamw: AdamW whose step per tensor is scaled down when the gradient is far "
+        "larger than its running average says (update clipping; Wortsman et al. 2023), which keeps one outlier "
+        "batch after a quiet stretch from moving a tensor by several learning rates")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -180,6 +184,8 @@ class FadTrainSection(Section):
                              "tile (patch training: cheaper steps on texture-like tiles); sampling stays at "
                              "data.image_size; with alignment (seed projector, cached target) the window's "
                              "pooled feature is aligned to its tile's; None: whole tiles")
+    crop_until: int | None = Field(None, ge=0, description="with crop: whole tiles from this step on (a finishing "
+                                   "phase at the size the sampler draws); None: windows to the end")
 
 
 class EvalSection(Section):
@@ -221,6 +227,8 @@ class FadConfig(Section):
         crop = self.train.crop
         if crop is not None and crop >= self.data.image_size:
             raise ValueError(f"train.crop {crop} must be smaller than data.image_size {self.data.image_size}")
+        if crop is None and self.train.crop_until is not None:
+            raise ValueError("train.crop_until needs train.crop (the window size before that step)")
         if crop is not None and self.model.space == "latent":
             raise ValueError("train.crop works in pixel space only (a latent describes the whole tile, not a crop of it)")
         # The seed projector compares pooled features: a window's pooled UNet feature is pulled towards its whole
