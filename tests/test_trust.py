@@ -54,6 +54,18 @@ def test_resume_accepts_more_steps_and_other_logging(three_step_run, tiny_shards
     assert card["step"] == 4 and card["settings_changes"] == [] and card["settings_digest"]
 
 
+def test_a_setting_added_later_reads_as_what_older_runs_trained_with():
+    """A checkpoint saved before optim.name existed trained with AdamW: resuming it with adamw is no change,
+    with stableadamw it is; a later key without a recorded old value still reads as None."""
+    from fadscale.training.fingerprint import changed_settings
+
+    before = {"optim.lr": 0.004}
+    assert changed_settings(before, {"optim.lr": 0.004, "optim.name": "adamw"}) == {}
+    assert changed_settings(before, {"optim.lr": 0.004, "optim.name": "stableadamw"}) == {
+        "optim.name": ["adamw", "stableadamw"]}
+    assert changed_settings(before, {"optim.lr": 0.004, "train.crop_until": 100}) == {"train.crop_until": [None, 100]}
+
+
 def test_another_data_set_at_the_same_path_is_a_change(three_step_run, tiny_shards, tiny_expert, tmp_path):
     from fadscale.data.shard import shard_dataset
 

@@ -72,10 +72,18 @@ def digest(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Settings added after runs had been saved, with what every run saved before them trained with: a checkpoint
+# without the key resumes unchanged when the config says that value. (Other added keys default to None, which
+# is how a missing key reads.)
+ADDED_LATER = {"optim.name": "adamw"}
+
+
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list]:
-    """{key: [saved value, current value]} for every key that differs (a missing key reads as None)."""
+    """{key: [saved value, current value]} for every key that differs (a missing key reads as None, or as
+    its ADDED_LATER value on the saved side)."""
     keys = sorted(set(saved) | set(current))
-    return {k: [saved.get(k), current.get(k)] for k in keys if saved.get(k) != current.get(k)}
+    old = {k: saved.get(k, ADDED_LATER.get(k)) for k in keys}
+    return {k: [old[k], current.get(k)] for k in keys if old[k] != current.get(k)}
 
 
 def describe_changes(changes: dict[str, list], limit: int = 6) -> str:
