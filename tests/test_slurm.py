@@ -345,7 +345,7 @@ def test_job_runs_to_the_end(slurm_cluster: LocalSlurm, case: StageCase, tmp_pat
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", describe()
     assert info["Restarts"] == "0", describe()
     assert case.final_step(out_dir) == steps, describe()
-    log = (out_dir / f"slurm-{job_id}.out").read_text()
+    log = (out_dir / f"slurm-{job_id}.out").read_text(errors="replace")
     assert f"SLURM_JOB_ID={job_id} SLURM_RESTART_COUNT=0" in log, describe()
     assert f"master={slurm_cluster.host}:{20000 + int(job_id) % 20000} processes_per_node={case.procs}" in log
     assert "launcher exited with 0" in log, describe()
@@ -382,7 +382,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(
         info = _wait_done(slurm_cluster, job_id, case.start_timeout_s + case.run_timeout_s, describe)
     finally:
         _cancel(slurm_cluster, job_id)
-    log = log_path.read_text()
+    log = log_path.read_text(errors="replace")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", describe()
     assert info["Restarts"] == "1", describe()  # scontrol: requeued once
     assert "USR1: writing" in log and "launcher exited 0 after the stop request; requeueing" in log, describe()
