@@ -78,6 +78,10 @@ def test_demo_runs_every_stage_and_writes_the_report(installed, tmp_path):
     assert "steps (6 at batch 8), UNet (cpu-tiny)" in report_md and "steps (6 at batch 8), UNet (cpu-tiny)" in html
     fad_report = json.loads((out / "eval-fad/report.json").read_text())
     assert f"{fad_report['generation_accuracy']['overall']:.3f}" in report_md
+    # The bar's accuracies carry the 95% interval of one draw of tiles (the arm's, and the evaluator's on real tiles).
+    for key in ("generation_accuracy", "real_accuracy"):
+        low, high = fad_report[key]["interval95"]
+        assert low <= fad_report[key]["overall"] <= high and f"95%: {low:.3f}-{high:.3f}" in report_md, key
     reference = fad_report["distances"]["reference"]
     assert reference["frechet"] > 0 and fad_report["distances"]["frechet_ratio"] == pytest.approx(
         fad_report["distances"]["overall"]["frechet"] / reference["frechet"])

@@ -175,9 +175,24 @@ def confusion_matrix(true: torch.Tensor, predicted: torch.Tensor, classes: int) 
     return torch.bincount(flat, minlength=classes * classes).view(classes, classes)
 
 
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% at z = 1.96): where a classifier's accuracy on the source of
+    `total` tiles lies, given `successes` right on these. Unlike p +- z SE it stays inside [0, 1] near the ends."""
+    if total == 0:
+        return math.nan, math.nan
+    p = successes / total
+    spread = z * z / total
+    centre = (p + spread / 2) / (1 + spread)
+    half = z * math.sqrt(p * (1 - p) / total + spread / (4 * total)) / (1 + spread)
+    return centre - half, centre + half
+
+
 def accuracy_from_confusion(confusion: torch.Tensor, names: list[str]) -> dict:
+    """Overall and per-class top-1 accuracy, the count, and the overall accuracy's 95% interval (`interval95`:
+    how far another draw of as many tiles could move it)."""
     rows = confusion.sum(1)
     per_class = {name: (float(confusion[i, i] / rows[i]) if rows[i] else math.nan) for i, name in enumerate(names)}
     total = int(confusion.sum())
-    return {"overall": float(confusion.diag().sum() / total) if total else math.nan, "per_class": per_class,
-            "count": total}
+    right = int(confusion.diag().sum())
+    return {"overall": right / total if total else math.nan, "per_class": per_class, "count": total,
+            "interval95": list(wilson_interval(right, total))}

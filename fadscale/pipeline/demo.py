@@ -83,14 +83,15 @@ def quality_bar(report: dict, real_tiles: bool = False) -> list[tuple[str, float
     def check(value, ok):
         return None if value is None else bool(ok(value))
 
+    interval = accuracy_interval(report, "real_accuracy")
     if real_tiles:
         same = report_value(report, ("utility", "setups", "real (same count)", "overall"))
         ratio_syn = syn / same if syn is not None and same else None
         copies = report_value(report, ("copies", "share"))
         colour = report_value(report, ("intensity", "max_abs_channel_gap"))
-        split = (report.get("real") or {}).get("split", "test")
         return [
-            ("generation accuracy", acc, f">= {real or 0:.3f} (the evaluator on real {split} tiles)",
+            ("generation accuracy", acc, f">= {real or 0:.3f} (the evaluator on real "
+             f"{(report.get('real') or {}).get('split', 'test')} tiles{'; ' + interval if interval else ''})",
              check(acc, lambda v: v >= (real or 0.0))),
             ("Frechet / real-vs-real Frechet", ratio, "<= 2", check(ratio, lambda v: v <= 2.0)),
             ("train-on-synthetic / train-on-real, same count", ratio_syn,
@@ -102,12 +103,20 @@ def quality_bar(report: dict, real_tiles: bool = False) -> list[tuple[str, float
     gap = report_value(report, ("intensity", "max_abs_gap"))
     bar_acc = max(real or 0.0, 0.75)
     return [
-        ("generation accuracy", acc, f">= {bar_acc:.3f} (the evaluator's real-tile accuracy, and 0.75)",
+        ("generation accuracy", acc, f">= {bar_acc:.3f} (the larger of the evaluator's real-tile accuracy, "
+                                     f"{_fmt(real)}{' (' + interval + ')' if interval else ''}, and 0.75)",
          check(acc, lambda v: v >= bar_acc)),
         ("Frechet / real-vs-real Frechet", ratio, "<= 2", check(ratio, lambda v: v <= 2.0)),
         ("largest per-class intensity gap", gap, "<= 0.05", check(gap, lambda v: v <= 0.05)),
         ("train-on-synthetic accuracy", syn, ">= 0.60", check(syn, lambda v: v >= 0.60)),
     ]
+
+
+def accuracy_interval(report: dict, key: str) -> str:
+    """"95%: lo-hi" for an accuracy of the report (generation_accuracy or real_accuracy); "" for a report written
+    before evaluations kept the interval."""
+    interval = (report.get(key) or {}).get("interval95")
+    return f"95%: {interval[0]:.3f}-{interval[1]:.3f}" if interval else ""
 
 
 def _png(fig) -> bytes:
@@ -342,8 +351,10 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
         [f"{arm} {what}" for arm in arms for what in ("gen. accuracy", "colour gap", "orientation")]
 
     def bar_cell(arm: str, i: int) -> str:
-        _, value, _, passed = bars[arm][i]
-        return f"{_fmt(value)} {'pass' if passed else 'FAIL' if passed is False else ''}".strip()
+        what, value, _, passed = bars[arm][i]
+        interval = accuracy_interval(reports[arm], "generation_accuracy") if what == "generation accuracy" else ""
+        interval = f" ({interval})" if interval else ""
+        return f"{_fmt(value)}{interval} {'pass' if passed else 'FAIL' if passed is False else ''}".strip()
 
     bar_names = [(what, bar) for what, _, bar, _ in next(iter(bars.values()))]
     trained = RUN_CARD.read(runs[arms[0]] / "final")["config"]
@@ -375,6 +386,10 @@ def write_report(result: dict, out: Path, total_seconds: float, command: str) ->
         document.Table(["check", "bar", *arms],
                      [[what, bar, *(bar_cell(arm, i) for arm in arms)] for i, (what, bar) in enumerate(bar_names)],
                      [["", "", *(tone(bars[arm][i][3]) for arm in arms)] for i in range(len(bar_names))]),
+        document.Paragraph(
+            "Each figure is one draw of generated tiles. The 95% intervals of the accuracies (Wilson, over the tiles "
+            "scored, the evaluator fixed) say how far another draw of as many tiles could move them: where an arm's "
+            "interval overlaps the evaluator's own, its pass or FAIL on that line is within sampling noise."),
         document.Heading("Samples (real | " + " | ".join(arms) + ")"),
         document.Image("samples"),
         document.Heading("Metrics"),

@@ -113,6 +113,12 @@ def markdown_report(report: dict) -> str:
     fid = report["inception_fid"]
     rows.append(("Inception FID", fid["fid"] if fid.get("computed") else f"not computed: {fid['reason']}"))
     lines += [f"| {k} | {fmt(v, 4)} |" for k, v in rows]
+    intervals = {key: report[key].get("interval95") for key in ("generation_accuracy", "real_accuracy")}
+    if all(intervals.values()):
+        lines += ["", "95% intervals (Wilson, over the tiles scored): generation accuracy "
+                  f"{intervals['generation_accuracy'][0]:.3f}-{intervals['generation_accuracy'][1]:.3f}, evaluator on "
+                  f"real tiles {intervals['real_accuracy'][0]:.3f}-{intervals['real_accuracy'][1]:.3f}: how far another "
+                  "draw of as many tiles could move each."]
     intensity = (report.get("intensity") or {}).get("per_class") or {}
     orientation = (report.get("orientation") or {}).get("per_class") or {}
     lines += ["", "## Per class", "",
