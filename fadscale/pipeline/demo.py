@@ -13,7 +13,7 @@ import torch
 
 from fadscale import __version__
 from fadscale.artifacts import EXPERT_CARD, RUN_CARD
-from fadscale.core.evaluation.report import report_value
+from fadscale.core.evaluation.report import accuracy_interval, report_value
 from fadscale.data.download import DATASETS, fetch, is_named_dataset
 from fadscale.data.sources import holds_colour
 from fadscale.pipeline import document
@@ -110,13 +110,6 @@ def quality_bar(report: dict, real_tiles: bool = False) -> list[tuple[str, float
         ("largest per-class intensity gap", gap, "<= 0.05", check(gap, lambda v: v <= 0.05)),
         ("train-on-synthetic accuracy", syn, ">= 0.60", check(syn, lambda v: v >= 0.60)),
     ]
-
-
-def accuracy_interval(report: dict, key: str) -> str:
-    """"95%: lo-hi" for an accuracy of the report (generation_accuracy or real_accuracy); "" for a report written
-    before evaluations kept the interval."""
-    interval = (report.get(key) or {}).get("interval95")
-    return f"95%: {interval[0]:.3f}-{interval[1]:.3f}" if interval else ""
 
 
 def _png(fig) -> bytes:

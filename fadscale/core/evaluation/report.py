@@ -113,12 +113,10 @@ def markdown_report(report: dict) -> str:
     fid = report["inception_fid"]
     rows.append(("Inception FID", fid["fid"] if fid.get("computed") else f"not computed: {fid['reason']}"))
     lines += [f"| {k} | {fmt(v, 4)} |" for k, v in rows]
-    intervals = {key: report[key].get("interval95") for key in ("generation_accuracy", "real_accuracy")}
-    if all(intervals.values()):
-        lines += ["", "95% intervals (Wilson, over the tiles scored): generation accuracy "
-                  f"{intervals['generation_accuracy'][0]:.3f}-{intervals['generation_accuracy'][1]:.3f}, evaluator on "
-                  f"real tiles {intervals['real_accuracy'][0]:.3f}-{intervals['real_accuracy'][1]:.3f}: how far another "
-                  "draw of as many tiles could move each."]
+    generated, real = accuracy_interval(report, "generation_accuracy"), accuracy_interval(report, "real_accuracy")
+    if generated and real:
+        lines += ["", f"Wilson intervals over the tiles scored: generation accuracy {generated}, evaluator on real "
+                  f"tiles {real}: how far another draw of as many tiles could move each."]
     intensity = (report.get("intensity") or {}).get("per_class") or {}
     orientation = (report.get("orientation") or {}).get("per_class") or {}
     lines += ["", "## Per class", "",
@@ -180,6 +178,13 @@ def report_value(report: dict, path: tuple) -> float | None:
             return None
         value = value[key]
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def accuracy_interval(report: dict, key: str) -> str:
+    """"95%: lo-hi" for an accuracy of the report (generation_accuracy or real_accuracy); "" for a report written
+    before evaluations kept the interval."""
+    interval = (report.get(key) or {}).get("interval95")
+    return f"95%: {interval[0]:.3f}-{interval[1]:.3f}" if interval else ""
 
 
 def save_confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, title: str) -> None:
