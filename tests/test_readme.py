@@ -51,3 +51,28 @@ def test_each_module_in_the_guides_is_an_entry_point(module, capsys):
         main(["-h"])
     assert stop.value.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+RESULTS = REPO / "docs" / "results"
+
+
+@pytest.mark.parametrize("table", sorted(RESULTS.glob("*.csv")), ids=lambda path: path.name)
+def test_each_results_table_has_one_width(table):
+    """A results CSV is read by spreadsheets and pandas: a name with an unquoted comma shifts its row."""
+    import csv
+
+    rows = list(csv.reader(table.open(encoding="utf-8", newline="")))
+    header = rows[0]
+    wrong = [(number, row[0]) for number, row in enumerate(rows[1:], start=2) if len(row) != len(header)]
+    assert not wrong, f"{table.name}: rows whose width is not the header's {len(header)}: {wrong}"
+
+
+def test_each_file_the_docs_link_exists():
+    linked = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if "://" not in target and not target.startswith("mailto:"):
+                linked.append((page, target))
+    assert linked
+    missing = [f"{page.relative_to(REPO)} -> {target}" for page, target in linked if not (page.parent / target).exists()]
+    assert not missing, missing
