@@ -1,5 +1,6 @@
 """Every command the README and the usage guide show still exists: each `fadscale <command>` answers -h, each
-`python -m` / `torchrun -m` / `accelerate launch -m` module is an entry point that answers -h."""
+`python -m` / `torchrun -m` / `accelerate launch -m` module is an entry point that answers -h. And the docs hold
+together: every file they link exists, every results CSV is a rectangle."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def test_each_results_table_has_one_width(table):
     """A results CSV is read by spreadsheets and pandas: a name with an unquoted comma shifts its row."""
     import csv
 
-    rows = list(csv.reader(table.open(encoding="utf-8", newline="")))
+    rows = list(csv.reader(table.read_text(encoding="utf-8").splitlines()))
     header = rows[0]
     wrong = [(number, row[0]) for number, row in enumerate(rows[1:], start=2) if len(row) != len(header)]
     assert not wrong, f"{table.name}: rows whose width is not the header's {len(header)}: {wrong}"
